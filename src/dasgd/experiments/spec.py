@@ -1,0 +1,298 @@
+"""The run spec: typed, frozen, validated once at the edge (STYLE.md, 7).
+
+A spec comes from a YAML file, CLI flags, or Python keyword arguments; all three go through
+:func:`resolve_spec`, which rejects bad values with a :class:`SpecError` that names the flag the user typed
+and how to fix it. Below this module nothing re-validates: constructors take the few plain values they need.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+__all__ = ["RunSpec", "SpecError", "load_spec_file", "resolve_spec", "parse_straggler", "flag_name"]
+
+DATA_MODES = ("shared", "shards")
+DEVICES = ("cpu", "cuda")
+
+# Per-task default budget (total gradients over all workers) when the user gives no stop rule: a few epochs.
+DEFAULT_BUDGET = {"quadratic": 2000, "digits-logreg": 1500, "mnist-logreg": 3000, "fashion-cnn": 3000}
+
+
+class SpecError(ValueError):
+    """A spec value is invalid. ``flag`` is the CLI flag (or YAML key) at fault."""
+
+    def __init__(self, flag: str, message: str) -> None:
+        super().__init__(f"{flag}: {message}")
+        self.flag = flag
+
+
+def flag_name(key: str) -> str:
+    """The CLI flag for a spec field: ``max_gradients`` -> ``--max-gradients``."""
+    return "--" + key.replace("_", "-")
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """Everything that defines a run. Same spec and seed: same data order, same initial model."""
+
+    task: str = "mnist-logreg"
+    """Workload: quadratic, digits-logreg, mnist-logreg, fashion-cnn."""
+    workers: int = 4
+    """Number of worker processes (one replica each)."""
+    algorithm: str = "dasgd"
+    topology: str = "complete"
+    """complete | ring | torus | torus:RxC | random-regular:D | edges:PATH."""
+    lr: float | None = None
+    """Fixed stepsize eta; None takes the task's default."""
+    batch_size: int | None = None
+    """Mini-batch size of one gradient; None takes the task's default."""
+    seed: int = 0
+    data: str = "shared"
+    """shared: every worker samples the whole training set (homogeneous, the theory's setting);
+    shards: disjoint shards (heterogeneous, outside the theory)."""
+    max_gradients: int | None = None
+    """Stop once the replicas hold this many gradients in total (T of the paper)."""
+    max_seconds: float | None = None
+    """Stop after this many seconds of training."""
+    target_accuracy: float | None = None
+    """Stop once the evaluated replica reaches this test accuracy."""
+    eval_every: float = 0.5
+    """Seconds between evaluations of worker 0's replica."""
+    stragglers: tuple[tuple[int, float], ...] = ()
+    """(rank, slowdown) pairs: that worker's steps take `slowdown` times as long (emulated by waiting)."""
+    grads_per_message: int = 1
+    """TensAIR's B: own gradients summed into one message."""
+    dim: int = 100
+    """quadratic: dimension."""
+    noise: float = 1.0
+    """quadratic: gradient noise sigma (E||xi||^2 = sigma^2 at batch size 1)."""
+    condition: float = 10.0
+    """quadratic: condition number L/mu."""
+    device: str = "cpu"
+    """cpu (Gloo) or cuda (NCCL)."""
+    secret_env: str | None = None
+    """Name of an environment variable holding a shared secret: messages then carry an HMAC-SHA256 tag."""
+    drain_timeout: float = 120.0
+    """Seconds the end-of-run drain may take before the run is reported as incomplete."""
+    run_dir: str | None = None
+    """Where outputs go; None: runs/<task>-<timestamp>."""
+    notes: dict[str, Any] = field(default_factory=dict, compare=False)
+    """Free-form labels copied into the summary (not validated)."""
+
+    def slowdown(self, rank: int) -> float:
+        """The slowdown factor of worker ``rank`` (1.0 when it is not a straggler)."""
+        return dict(self.stragglers).get(rank, 1.0)
+
+    def stop_rules(self) -> dict[str, float]:
+        """The stop rules in force."""
+        rules = {
+            "max_gradients": self.max_gradients,
+            "max_seconds": self.max_seconds,
+            "target_accuracy": self.target_accuracy,
+        }
+        return {k: v for k, v in rules.items() if v is not None}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data for YAML/JSON (stragglers as "RANKxFACTOR" strings)."""
+        out = dataclasses.asdict(self)
+        out["stragglers"] = [f"{r}x{f:g}" for r, f in self.stragglers]
+        return out
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+
+_STRAGGLER = re.compile(r"^\s*(\d+)\s*[xX:]\s*([0-9.eE+-]+)\s*$")
+
+
+def parse_straggler(text: str) -> tuple[int, float]:
+    """Parse "RANKxFACTOR" (e.g. "1x5": worker 1 five times slower)."""
+    m = _STRAGGLER.match(str(text))
+    if not m:
+        raise SpecError(
+            "--straggler", f"{text!r} is not RANKxFACTOR; write e.g. 1x5 for worker 1 five times slower"
+        )
+    try:
+        factor = float(m.group(2))
+    except ValueError:
+        raise SpecError("--straggler", f"{text!r}: the factor {m.group(2)!r} is not a number") from None
+    return int(m.group(1)), factor
+
+
+def load_spec_file(path: str | Path) -> dict[str, Any]:
+    """Read a YAML spec file into plain values (validated later by resolve_spec)."""
+    p = Path(path)
+    if not p.is_file():
+        raise SpecError("SPEC", f"spec file {str(p)!r} does not exist; pass the path of a YAML file")
+    try:
+        data = yaml.safe_load(p.read_text())
+    except yaml.YAMLError as exc:
+        raise SpecError("SPEC", f"{p} is not valid YAML: {exc}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise SpecError("SPEC", f"{p} must hold a mapping of spec keys, got {type(data).__name__}")
+    return data
+
+
+def _coerce(name: str, value: Any, kind: str) -> Any:
+    flag = flag_name(name)
+    if value is None:
+        return None
+    try:
+        if kind == "int":
+            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
+                raise ValueError
+            return int(value)
+        if kind == "float":
+            if isinstance(value, bool):
+                raise ValueError
+            out = float(value)
+            if not math.isfinite(out):
+                raise ValueError
+            return out
+        if kind == "str":
+            if not isinstance(value, (str, int, float)) or isinstance(value, bool):
+                raise ValueError
+            return str(value)
+    except (TypeError, ValueError):
+        raise SpecError(flag, f"{value!r} is not a valid {kind}") from None
+    raise AssertionError(kind)
+
+
+_KINDS = {
+    "task": "str",
+    "workers": "int",
+    "algorithm": "str",
+    "topology": "str",
+    "lr": "float",
+    "batch_size": "int",
+    "seed": "int",
+    "data": "str",
+    "max_gradients": "int",
+    "max_seconds": "float",
+    "target_accuracy": "float",
+    "eval_every": "float",
+    "grads_per_message": "int",
+    "dim": "int",
+    "noise": "float",
+    "condition": "float",
+    "device": "str",
+    "secret_env": "str",
+    "drain_timeout": "float",
+    "run_dir": "str",
+}
+
+
+def resolve_spec(values: dict[str, Any] | None = None, **overrides: Any) -> RunSpec:
+    """Build and validate a RunSpec from file values updated by overrides (None overrides are ignored).
+
+    Unknown keys, wrong types and out-of-range values raise SpecError naming the flag and the fix.
+    """
+    from dasgd.algorithms import ALGORITHMS
+    from dasgd.tasks import TASK_NAMES
+
+    merged: dict[str, Any] = dict(values or {})
+    merged.update({k: v for k, v in overrides.items() if v is not None})
+    known = {f.name for f in fields(RunSpec)}
+    unknown = sorted(set(merged) - known)
+    if unknown:
+        raise SpecError(flag_name(unknown[0]), f"unknown spec key; known keys: {', '.join(sorted(known))}")
+    kw: dict[str, Any] = {}
+    for name, value in merged.items():
+        if name == "stragglers":
+            kw[name] = _stragglers(value)
+        elif name == "notes":
+            if not isinstance(value, dict):
+                raise SpecError("notes", "must be a mapping")
+            kw[name] = dict(value)
+        else:
+            kw[name] = _coerce(name, value, _KINDS[name])
+    spec = RunSpec(**kw)
+    _check(spec, TASK_NAMES, tuple(ALGORITHMS))
+    if not spec.stop_rules():
+        spec = dataclasses.replace(spec, max_gradients=DEFAULT_BUDGET.get(spec.task, 2000))
+    return spec
+
+
+def _stragglers(value: Any) -> tuple[tuple[int, float], ...]:
+    items: list[tuple[int, float]] = []
+    if isinstance(value, dict):
+        for r, f in value.items():
+            items.append(parse_straggler(f"{r}x{f}"))
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            items.append(
+                parse_straggler(v) if not isinstance(v, (list, tuple)) else parse_straggler(f"{v[0]}x{v[1]}")
+            )
+    elif isinstance(value, str):
+        items.extend(parse_straggler(v) for v in value.split(",") if v.strip())
+    else:
+        raise SpecError("--straggler", f"{value!r}: give RANKxFACTOR strings, e.g. ['1x5']")
+    ranks = [r for r, _ in items]
+    if len(set(ranks)) != len(ranks):
+        raise SpecError("--straggler", "a worker is named twice; give each straggler once")
+    return tuple(sorted(items))
+
+
+def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ...]) -> None:
+    def need(ok: bool, key: str, message: str) -> None:
+        if not ok:
+            raise SpecError(flag_name(key), message)
+
+    need(
+        spec.task in task_names, "task", f"unknown task {spec.task!r}; choose one of: {', '.join(task_names)}"
+    )
+    need(
+        spec.algorithm in algorithms,
+        "algorithm",
+        f"unknown algorithm {spec.algorithm!r}; choose one of: {', '.join(algorithms)}",
+    )
+    need(
+        1 <= spec.workers <= 1024,
+        "workers",
+        f"{spec.workers} workers: give 1 to 1024 real workers (use `dasgd simulate` for more)",
+    )
+    need(spec.lr is None or spec.lr > 0, "lr", f"the stepsize must be positive, got {spec.lr}")
+    need(spec.batch_size is None or spec.batch_size >= 1, "batch_size", "the batch size must be at least 1")
+    need(spec.seed >= 0, "seed", "the seed must be a non-negative integer")
+    need(spec.data in DATA_MODES, "data", f"choose one of: {', '.join(DATA_MODES)}")
+    need(spec.max_gradients is None or spec.max_gradients >= 1, "max_gradients", "must be at least 1")
+    need(spec.max_seconds is None or spec.max_seconds > 0, "max_seconds", "must be positive (seconds)")
+    need(
+        spec.target_accuracy is None or 0 < spec.target_accuracy <= 1,
+        "target_accuracy",
+        "must be a fraction in (0, 1], e.g. 0.9",
+    )
+    need(
+        spec.target_accuracy is None or spec.task != "quadratic",
+        "target_accuracy",
+        "the quadratic task has no accuracy; stop it with --max-gradients or --max-seconds",
+    )
+    need(spec.eval_every > 0, "eval_every", "must be positive (seconds)")
+    need(spec.grads_per_message >= 1, "grads_per_message", "must be at least 1 (1 is the theory's setting)")
+    need(spec.dim >= 1, "dim", "must be at least 1")
+    need(spec.noise >= 0, "noise", "must be non-negative")
+    need(spec.condition >= 1, "condition", "must be at least 1 (L/mu)")
+    need(spec.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
+    need(spec.drain_timeout > 0, "drain_timeout", "must be positive (seconds)")
+    for rank, factor in spec.stragglers:
+        need(
+            0 <= rank < spec.workers,
+            "stragglers",
+            f"worker {rank} does not exist in a run of {spec.workers} workers (ranks 0..{spec.workers - 1})",
+        )
+        need(factor >= 1, "stragglers", f"slowdown {factor:g} for worker {rank}: give a factor >= 1")
+    if spec.secret_env is not None:
+        need(
+            bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", spec.secret_env)),
+            "secret_env",
+            "give the NAME of an environment variable that holds the secret, not the secret itself",
+        )

@@ -1,0 +1,319 @@
+"""A readable page (``RUN_DIR/report.md``) and a terminal summary of a finished run.
+
+Both read ``summary.json``, written by the runtime. Every key is optional: a missing key, or one of an
+unexpected type, renders as ``n/a``; rendering never fails on content. The keys read (see :data:`SUMMARY_KEYS`):
+
+======================  ==========================================================================
+``task``                workload name (str)
+``algorithm``           algorithm name (str)
+``workers``             number of workers (int)
+``topology``            topology name (str)
+``stop_reason``         why the run stopped (str)
+``time_unit``           ``"wall"`` or ``"virtual"``: what the times and rates are measured in
+``wall_time_s``         run duration in seconds (of ``time_unit``)
+``samples_per_s``       training samples per second, all workers together
+``final_metrics``       dict metric -> number, e.g. ``test_accuracy``, ``test_loss`` (or ``loss``)
+``gradients_computed``  T, gradients computed by all workers (int)
+``gradients_applied``   list per worker: gradients its replica holds at the end
+``gradients_lost``      gradients computed but missing from some live replica (int; 0 expected)
+``staleness``           ``StalenessStats.to_dict()``: ``s_avg``, ``s_max``, ``loose_avg``, ``loose_max``,
+                        ``anomalies`` (shown only when present; other keys ignored)
+``replicas_agree``      whether all replicas' parameters match at the end (bool)
+``max_replica_diff``    largest parameter difference between replicas (float)
+``per_worker``          list of dicts: ``rank``, ``computed``, ``applied``, ``rejected`` (dict reason ->
+                        count), ``sent_messages``, ``sent_bytes``
+======================  ==========================================================================
+
+Numbers are formatted by :func:`format_value`: integers in full, other numbers with 4 significant digits.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import numbers
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dasgd.metrics.plots import PLOT_FILES
+
+__all__ = ["NA", "SUMMARY_KEYS", "ReportError", "format_summary", "format_value", "write_report"]
+
+NA = "n/a"
+"""How a missing or unusable value is shown."""
+
+SUMMARY_KEYS: tuple[str, ...] = (
+    "task",
+    "algorithm",
+    "workers",
+    "topology",
+    "stop_reason",
+    "time_unit",
+    "wall_time_s",
+    "samples_per_s",
+    "final_metrics",
+    "gradients_computed",
+    "gradients_applied",
+    "gradients_lost",
+    "staleness",
+    "replicas_agree",
+    "max_replica_diff",
+    "per_worker",
+)
+"""The ``summary.json`` keys the report and the terminal summary read. Adding one is compatible; never rename."""
+
+_PLOT_CAPTIONS: dict[str, str] = {
+    "accuracy.png": "Test accuracy",
+    "loss.png": "Loss",
+    "staleness.png": "Staleness histogram",
+    "throughput.png": "Gradients computed per worker",
+}
+
+_STALENESS_ROWS: tuple[tuple[str, str], ...] = (
+    ("S_avg (average staleness)", "s_avg"),
+    ("S_max (maximum staleness)", "s_max"),
+    ("S^_avg (average loose staleness)", "loose_avg"),
+    ("S^_max (maximum loose staleness)", "loose_max"),
+)
+
+
+# Beyond this many replicas a per-replica list of applied counts stops being readable on one line.
+_MAX_LISTED = 8
+
+
+class ReportError(ValueError):
+    """``summary.json`` exists but cannot be read as a JSON object."""
+
+
+def _is_bool(value: Any) -> bool:
+    return isinstance(value, (bool, np.bool_))
+
+
+def _is_int(value: Any) -> bool:
+    # numbers.Integral covers numpy integers, which an in-memory summary (the CLI's) may hold.
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
+
+
+def _is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def format_value(value: Any) -> str:
+    """Render one summary value: ``n/a`` for None or unusable values, yes/no for booleans, integers in full,
+    floats with 4 significant digits (integral floats such as ``12.0`` as ``12``), strings as they are."""
+    if value is None:
+        return NA
+    if _is_bool(value):
+        return "yes" if value else "no"
+    if _is_int(value):
+        return str(int(value))
+    if _is_real(value):
+        value = float(value)
+        if not math.isfinite(value):
+            return str(value)
+        return f"{value:.4g}"
+    if isinstance(value, str):
+        return value if value else NA
+    return NA
+
+
+def _get(mapping: Any, key: str) -> Any:
+    return mapping.get(key) if isinstance(mapping, Mapping) else None
+
+
+def _cell(text: str) -> str:
+    # A pipe or newline inside a value would break the Markdown table.
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def _loss_key(final: Any) -> str:
+    return "loss" if _get(final, "test_loss") is None and _get(final, "loss") is not None else "test_loss"
+
+
+def _time_unit(summary: Mapping[str, Any]) -> str:
+    unit = summary.get("time_unit")
+    return unit if unit in ("wall", "virtual") else "wall"
+
+
+def _applied_text(applied: Any) -> str:
+    """Gradients held per replica: one number when all agree, else the range."""
+    if not isinstance(applied, list) or not applied or not all(_is_int(a) for a in applied):
+        return NA
+    low, high = int(min(applied)), int(max(applied))
+    if low == high:
+        return f"{low} on each of {len(applied)} replicas"
+    if len(applied) > _MAX_LISTED:
+        return f"{low} to {high} over {len(applied)} replicas"
+    return f"{low} to {high} (per replica: {', '.join(str(int(a)) for a in applied)})"
+
+
+def _agreement_text(summary: Mapping[str, Any]) -> str:
+    agree = summary.get("replicas_agree")
+    diff = summary.get("max_replica_diff")
+    text = format_value(agree) if _is_bool(agree) else NA
+    if _is_real(diff):
+        text += f" (max difference {format_value(diff)})"
+    return text
+
+
+def _rejected_text(rejected: Any) -> str:
+    if not isinstance(rejected, Mapping):
+        return NA
+    counts = {str(k): int(v) for k, v in rejected.items() if _is_int(v)}
+    total = sum(counts.values())
+    detail = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()) if v)
+    return f"{total} ({detail})" if detail else str(total)
+
+
+def _results_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    final = summary.get("final_metrics")
+    loss_key = _loss_key(final)
+    staleness = summary.get("staleness")
+    unit = _time_unit(summary)
+    rows = [
+        ("final test accuracy", format_value(_get(final, "test_accuracy"))),
+        (f"final {loss_key.replace('_', ' ')}", format_value(_get(final, loss_key))),
+    ]
+    if isinstance(final, Mapping):
+        for key in sorted(final):
+            if key not in ("test_accuracy", loss_key):
+                rows.append((f"final {key}", format_value(final[key])))
+    rows += [
+        ("gradients computed", format_value(summary.get("gradients_computed"))),
+        ("gradients applied", _applied_text(summary.get("gradients_applied"))),
+        ("gradients lost", format_value(summary.get("gradients_lost"))),
+    ]
+    rows += [(label, format_value(_get(staleness, key))) for label, key in _STALENESS_ROWS]
+    if _get(staleness, "anomalies") is not None:
+        # Nonzero only when clocks of different machines disagree; worth seeing next to the numbers it bends.
+        rows.append(("staleness clock anomalies", format_value(_get(staleness, "anomalies"))))
+    rows += [
+        (f"{unit} time (s)", format_value(summary.get("wall_time_s"))),
+        (
+            "samples/s" if unit == "wall" else f"samples/s ({unit} time)",
+            format_value(summary.get("samples_per_s")),
+        ),
+        ("replicas agree", _agreement_text(summary)),
+    ]
+    return rows
+
+
+def _per_worker_lines(per_worker: Any) -> list[str]:
+    if not isinstance(per_worker, list) or not per_worker:
+        return [NA]
+    lines = [
+        "| rank | computed | applied | rejected messages | sent messages | sent bytes |",
+        "|---:|---:|---:|---|---:|---:|",
+    ]
+    for entry in per_worker:
+        cells = [
+            format_value(_get(entry, "rank")),
+            format_value(_get(entry, "computed")),
+            format_value(_get(entry, "applied")),
+            _rejected_text(_get(entry, "rejected")),
+            format_value(_get(entry, "sent_messages")),
+            format_value(_get(entry, "sent_bytes")),
+        ]
+        lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    return lines
+
+
+def _plot_lines(run_dir: Path) -> list[str]:
+    plots = run_dir / "plots"
+    if not plots.is_dir():
+        return []
+    names = [n for n in PLOT_FILES if (plots / n).is_file()]
+    names += sorted(p.name for p in plots.glob("*.png") if p.name not in PLOT_FILES)
+    lines: list[str] = []
+    for name in names:
+        caption = _PLOT_CAPTIONS.get(name, Path(name).stem.replace("_", " "))
+        lines += [f"### {caption}", "", f"![{caption}](plots/{name})", ""]
+    return lines
+
+
+def _headline(summary: Mapping[str, Any]) -> str:
+    parts = [
+        ("task", summary.get("task")),
+        ("algorithm", summary.get("algorithm")),
+        ("workers", summary.get("workers")),
+        ("topology", summary.get("topology")),
+        ("stop reason", summary.get("stop_reason")),
+    ]
+    return " · ".join(f"**{name}** {format_value(value)}" for name, value in parts)
+
+
+def _read_summary(path: Path) -> dict[str, Any] | None:
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ReportError(
+            f"{path} is not valid JSON ({exc}); rewrite it or delete it and rerun the report"
+        ) from exc
+    if not isinstance(data, dict):
+        raise ReportError(f"{path} must hold a JSON object, got {type(data).__name__}; rewrite it")
+    return data
+
+
+def write_report(run_dir: str | os.PathLike[str]) -> Path:
+    """Write ``RUN_DIR/report.md`` from ``summary.json`` and the PNG files present in ``RUN_DIR/plots``.
+
+    A missing ``summary.json`` gives a report of ``n/a`` values with a note saying so.
+
+    Raises:
+        ReportError: ``summary.json`` exists but is not a JSON object.
+    """
+    run_dir = Path(run_dir)
+    summary = _read_summary(run_dir / "summary.json")
+    lines = [
+        f"# Run report: {format_value(_get(summary, 'task'))} ({format_value(_get(summary, 'algorithm'))})"
+    ]
+    lines.append("")
+    if summary is None:
+        lines += ["*summary.json was not found in this run directory; values are shown as n/a.*", ""]
+        summary = {}
+    lines += [_headline(summary), ""]
+    lines += ["## Results", "", "| quantity | value |", "|---|---|"]
+    lines += [f"| {_cell(label)} | {_cell(value)} |" for label, value in _results_rows(summary)]
+    lines += ["", "## Per worker", ""]
+    lines += _per_worker_lines(summary.get("per_worker"))
+    lines.append("")
+    plot_lines = _plot_lines(run_dir)
+    if plot_lines:
+        lines += ["## Plots", "", *plot_lines]
+    out = run_dir / "report.md"
+    out.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
+    return out
+
+
+def format_summary(summary: Mapping[str, Any]) -> str:
+    """The few lines the CLI prints when a run ends (no trailing newline)."""
+    final = summary.get("final_metrics")
+    staleness = summary.get("staleness")
+    unit = _time_unit(summary)
+    loss_key = _loss_key(final)
+    head = (
+        f"{format_value(summary.get('task'))} / {format_value(summary.get('algorithm'))}: "
+        f"{format_value(summary.get('workers'))} workers, topology {format_value(summary.get('topology'))}, "
+        f"stopped by {format_value(summary.get('stop_reason'))}"
+    )
+    grads = (
+        f"gradients: {format_value(summary.get('gradients_computed'))} computed, "
+        f"applied {_applied_text(summary.get('gradients_applied'))}, "
+        f"{format_value(summary.get('gradients_lost'))} lost; replicas agree: {_agreement_text(summary)}"
+    )
+    stale = "staleness: " + ", ".join(
+        f"{label.split(' ')[0]} {format_value(_get(staleness, key))}" for label, key in _STALENESS_ROWS
+    )
+    result = (
+        f"final: test accuracy {format_value(_get(final, 'test_accuracy'))}, "
+        f"{loss_key.replace('_', ' ')} {format_value(_get(final, loss_key))}; "
+        f"{format_value(summary.get('wall_time_s'))} s ({unit}), "
+        f"{format_value(summary.get('samples_per_s'))} samples/s"
+    )
+    return "\n".join([head, grads, stale, result])

@@ -1,0 +1,88 @@
+"""From a validated spec to the objects a worker process needs (shared by real runs and the simulator)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from dasgd.algorithms import make_algorithm
+from dasgd.core.topology import Topology, parse_topology
+from dasgd.experiments.spec import RunSpec, SpecError
+from dasgd.tasks import Task, default_batch_size, default_lr, make_task
+from dasgd.worker.worker import Worker
+
+__all__ = ["Resolved", "build_task", "build_worker", "resolve", "secret_key", "sampler_seed"]
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The spec's choices with task defaults filled in."""
+
+    lr: float
+    batch_size: int
+    topology: Topology
+
+
+def build_task(spec: RunSpec) -> Task:
+    """The spec's task (reads its dataset; raises DatasetMissing naming the install command)."""
+    if spec.task == "quadratic":
+        return make_task(
+            "quadratic", dim=spec.dim, noise=spec.noise, condition=spec.condition, seed=spec.seed
+        )
+    return make_task(spec.task)
+
+
+def resolve(spec: RunSpec) -> Resolved:
+    """Fill task defaults and parse the topology (raises SpecError for a bad topology)."""
+    from dasgd.core.topology import TopologyError
+
+    try:
+        topo = parse_topology(spec.topology, spec.workers, seed=spec.seed)
+    except TopologyError as exc:
+        raise SpecError("--topology", str(exc)) from None
+    return Resolved(
+        lr=spec.lr if spec.lr is not None else default_lr(spec.task),
+        batch_size=spec.batch_size if spec.batch_size is not None else default_batch_size(spec.task),
+        topology=topo,
+    )
+
+
+def sampler_seed(spec: RunSpec, rank: int) -> int:
+    """Each worker's own data-order seed: distinct per worker, fixed by the run seed."""
+    return spec.seed * 1_000_003 + 7919 * (rank + 1)
+
+
+def build_worker(spec: RunSpec, rank: int, task: Task, resolved: Resolved, send_clock: bool = True) -> Worker:
+    """Worker ``rank`` with its replica (identical x0 on every worker: same model seed) and data stream."""
+    model = task.build_model(spec.seed)
+    shard = (rank, spec.workers) if spec.data == "shards" else None
+    sampler = task.sampler(sampler_seed(spec, rank), resolved.batch_size, shard)
+
+    def loss_fn(m):
+        return task.loss(m, sampler.next())
+
+    return Worker(
+        rank,
+        spec.workers,
+        model,
+        resolved.topology,
+        make_algorithm(spec.algorithm),
+        resolved.lr,
+        loss_fn=loss_fn,
+        grads_per_message=spec.grads_per_message,
+        send_clock=send_clock,
+    )
+
+
+def secret_key(spec: RunSpec) -> bytes | None:
+    """The shared HMAC secret from the environment variable the spec names, if any."""
+    if spec.secret_env is None:
+        return None
+    value = os.environ.get(spec.secret_env)
+    if not value:
+        raise SpecError(
+            "--secret-env",
+            f"environment variable {spec.secret_env} is not set or empty; "
+            f"export {spec.secret_env}=<shared secret> on every machine",
+        )
+    return value.encode()

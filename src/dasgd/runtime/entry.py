@@ -1,0 +1,176 @@
+"""The body of one worker process, for `dasgd train` (its own launcher) and for torchrun alike.
+
+Started with the torch.distributed environment (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), it builds the
+worker from the spec, trains through the one loop, drains, and gathers every worker's result at rank 0,
+which writes the run directory. Progress goes to ``progress/rank<r>.json`` files that the launcher reads
+(``DASGD_PROGRESS_DIR``), or to a progress bar on rank 0 under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dasgd.core.ledger import StalenessLedger
+from dasgd.experiments.spec import RunSpec
+from dasgd.runtime.build import build_task, build_worker, resolve, secret_key
+from dasgd.runtime.clock import WallClock
+from dasgd.runtime.loop import LoopConfig, WorkerLoop
+from dasgd.runtime.results import summarize, write_run_outputs
+from dasgd.runtime.session import DistributedSession
+from dasgd.runtime.shard import WorkerShard
+from dasgd.transport.torchdist import TorchDistTransport
+from dasgd.worker.replica import checksum
+
+__all__ = ["run_process", "PROGRESS_DIR_ENV", "RESULTS_DIR_ENV"]
+
+PROGRESS_DIR_ENV = "DASGD_PROGRESS_DIR"
+RESULTS_DIR_ENV = "DASGD_RESULTS_DIR"
+
+
+def _threads_per_worker() -> int:
+    local = int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    return max(1, (os.cpu_count() or 1) // max(1, local))
+
+
+def _file_progress(folder: Path, rank: int) -> Callable[[dict], None]:
+    folder.mkdir(parents=True, exist_ok=True)
+    target = folder / f"rank{rank}.json"
+    tmp = folder / f".rank{rank}.json.tmp"
+
+    def write(info: dict) -> None:
+        tmp.write_text(json.dumps(info))
+        os.replace(tmp, target)  # atomic: the launcher never reads half a file
+
+    return write
+
+
+def run_process(
+    spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None
+) -> dict | None:
+    """Run this process's worker to the end of the run. Returns the summary on rank 0, None elsewhere."""
+    torch.set_num_threads(_threads_per_worker())
+    session = DistributedSession("gloo" if spec.device == "cpu" else "nccl")
+    results_dir = Path(os.environ[RESULTS_DIR_ENV]) if os.environ.get(RESULTS_DIR_ENV) else None
+    try:
+        if session.world_size != spec.workers:
+            raise RuntimeError(
+                f"the spec asks for {spec.workers} workers but {session.world_size} processes started"
+            )
+        rank = session.rank
+        if on_progress is None and os.environ.get(PROGRESS_DIR_ENV):
+            on_progress = _file_progress(Path(os.environ[PROGRESS_DIR_ENV]), rank)
+        task = build_task(spec)
+        resolved = resolve(spec)
+        worker = build_worker(spec, rank, task, resolved)
+        if spec.device == "cuda":
+            raise NotImplementedError("device=cuda: the NCCL transport is not available in this version")
+        transport = TorchDistTransport(
+            rank,
+            spec.workers,
+            worker.params.numel(),
+            worker.params.dtype,
+            group=session.p2p_group,
+            key=secret_key(spec),
+        )
+        # The time origin is agreed after every process has built its data and model, so start-up cost
+        # (dataset loading) is not counted as training time.
+        clock = WallClock(session.shared_origin(time.time()))
+        ledger = StalenessLedger(spec.workers)
+        config = LoopConfig(
+            max_gradients=spec.max_gradients,
+            max_seconds=spec.max_seconds,
+            target_accuracy=spec.target_accuracy,
+            accuracy_metric=task.accuracy_metric,
+            eval_every=spec.eval_every,
+            slowdown=spec.slowdown(rank),
+            drain_timeout=spec.drain_timeout,
+        )
+        evaluator = (lambda: task.evaluate(worker.model, full=False)) if rank == 0 else None
+        result = WorkerLoop(worker, transport, clock, ledger, config, evaluator, on_progress).run()
+        final_metrics = task.evaluate(worker.model, full=True) if rank == 0 else {}
+        if rank == 0:
+            result.evals.append(
+                {"worker": 0, "time": clock.now(), "gradients": worker.applied, **final_metrics}
+            )
+        origin, index, start, end, clocks = ledger.arrays()
+        stats = transport.stats()
+        shard = WorkerShard(
+            origin=origin,
+            index=index,
+            start=start,
+            end=end,
+            clock=clocks,
+            params=worker.params.detach().cpu().numpy().copy(),
+            final_clock=worker.clock.copy(),
+            meta={
+                "rank": rank,
+                "computed": worker.computed,
+                "stop_reason": result.stop_reason,
+                "drained": result.drained,
+                "train_end": result.train_end,
+                "drain_end": result.drain_end,
+                "evals": result.evals,
+                "rejected": dict(worker.rejected),
+                "transport": stats.to_dict(),
+                "param_checksum": checksum(worker.params)[:16],
+                "final_metrics": final_metrics,
+                "task_info": task.describe() if rank == 0 else {},
+                "batch_size": resolved.batch_size,
+                "lr": resolved.lr,
+            },
+        )
+        if results_dir is not None:
+            # Embedded launcher: results go to files, so a dead worker cannot hang a collective; the
+            # launcher summarises. Once drained and flushed, nobody has anything left to send us.
+            results_dir.mkdir(parents=True, exist_ok=True)
+            tmp = results_dir / f".rank{rank}.npz.tmp"
+            tmp.write_bytes(shard.to_bytes())
+            os.replace(tmp, results_dir / f"rank{rank}.npz")
+            transport.close()
+            return None
+        gathered = session.gather_bytes(shard.to_bytes())
+        summary = None
+        if rank == 0:
+            assert gathered is not None
+            shards = [WorkerShard.from_bytes(b) for b in gathered]
+            summary = summarize(spec, shards, task.describe(), resolved.batch_size, resolved.lr)
+            write_run_outputs(run_dir, spec, shards, summary)
+        # Everyone has drained and gathered: nothing is in flight any more, so the receivers can be released.
+        transport.shutdown()
+        session.barrier()
+        session.close()
+        return summary
+    except BaseException:
+        session.close()
+        raise
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m dasgd.runtime.entry RUN_DIR``: run one worker of the run whose spec is RUN_DIR/spec.yaml."""
+    from dasgd.experiments.spec import load_spec_file, resolve_spec
+
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        sys.stderr.write("usage: python -m dasgd.runtime.entry RUN_DIR\n")
+        return 2
+    run_dir = Path(args[0])
+    spec = resolve_spec(load_spec_file(run_dir / "spec.yaml"))
+    run_process(spec, run_dir)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # The transport's receiver thread may still be blocked in a posted receive; tearing the process group
+    # down under it can hang inside Gloo. Everything is written and flushed, so leave at once.
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    sys.exit(main())

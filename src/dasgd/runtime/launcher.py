@@ -1,0 +1,177 @@
+"""The one-machine launcher behind `dasgd train --workers N`: N worker processes on loopback.
+
+Unlike torchrun's agent or mp.spawn, this launcher never kills the survivors when one worker dies: DASGD is
+meant to go on without it (DESIGN.md: no barrier, a dead worker never stalls the others). It starts the
+processes with the same environment torchrun would give them, follows their progress files, and collects
+the summary rank 0 writes. Ctrl-C stops every worker it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from dasgd.experiments.spec import RunSpec
+from dasgd.runtime.results import summarize, write_run_outputs
+from dasgd.runtime.shard import WorkerShard
+
+__all__ = ["RunFailed", "launch_local", "free_port"]
+
+
+class RunFailed(RuntimeError):
+    """A worker process failed; the message holds the tail of its log."""
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that was free a moment ago."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _tail(path: Path, lines: int = 25) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return "(no log)"
+
+
+def launch_local(
+    spec: RunSpec,
+    run_dir: Path,
+    on_progress: Callable[[list[dict]], None] | None = None,
+    stall_timeout: float = 600.0,
+) -> dict:
+    """Run ``spec`` with ``spec.workers`` local processes; return rank 0's summary.
+
+    Args:
+        spec: a validated spec.
+        run_dir: the run directory (created; spec.yaml is written there).
+        on_progress: called about 5 times a second with the latest progress of every worker.
+        stall_timeout: seconds without any progress after which the run is declared hung and stopped.
+    """
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    logs = run_dir / "logs"
+    logs.mkdir(exist_ok=True)
+    progress_dir = run_dir / "progress"
+    progress_dir.mkdir(exist_ok=True)
+    for old in progress_dir.glob("rank*.json"):
+        old.unlink()
+    shard_dir = run_dir / "shards"
+    shard_dir.mkdir(exist_ok=True)
+    for old in shard_dir.glob("rank*.npz"):
+        old.unlink()
+    port = free_port()
+    base_env = dict(os.environ)
+    base_env.update(
+        {
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(port),
+            "WORLD_SIZE": str(spec.workers),
+            "LOCAL_WORLD_SIZE": str(spec.workers),
+            "GLOO_SOCKET_IFNAME": "lo",
+            "OMP_NUM_THREADS": "1",
+            "DASGD_PROGRESS_DIR": str(progress_dir),
+            "DASGD_RESULTS_DIR": str(shard_dir),
+        }
+    )
+    procs: list[subprocess.Popen] = []
+    log_files = []
+    try:
+        for rank in range(spec.workers):
+            env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
+            log = open(logs / f"rank{rank}.log", "w")  # noqa: SIM115 - closed in finally
+            log_files.append(log)
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "dasgd.runtime.entry", str(run_dir)],
+                    env=env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                    stdin=subprocess.DEVNULL,
+                )
+            )
+        failures = _watch(procs, progress_dir, on_progress, stall_timeout)
+    except BaseException:
+        for p in procs:
+            if p.poll() is None:
+                p.terminate()
+        for p in procs:
+            try:
+                p.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        raise
+    finally:
+        for f in log_files:
+            f.close()
+    return _collect(spec, run_dir, shard_dir, logs, failures)
+
+
+def _collect(spec: RunSpec, run_dir: Path, shard_dir: Path, logs: Path, failures: dict[int, int]) -> dict:
+    """Summarise the shards the workers left; a dead worker's gradients are accounted for as lost."""
+    shards = []
+    for rank in range(spec.workers):
+        path = shard_dir / f"rank{rank}.npz"
+        if path.exists():
+            shards.append(WorkerShard.from_bytes(path.read_bytes()))
+    if not shards:
+        rank = min(failures) if failures else 0
+        raise RunFailed(
+            f"no worker finished; worker {rank} failed, the end of its log ({logs}/rank{rank}.log):\n"
+            f"{_tail(logs / f'rank{rank}.log')}"
+        )
+    meta0 = shards[0].meta
+    summary = summarize(
+        spec, shards, meta0.get("task_info", {}), int(meta0["batch_size"]), float(meta0["lr"])
+    )
+    summary["failed_workers"] = {str(r): c for r, c in sorted(failures.items())}
+    write_run_outputs(run_dir, spec, shards, summary)
+    return summary
+
+
+def _read_progress(progress_dir: Path, n: int) -> list[dict]:
+    out = []
+    for rank in range(n):
+        try:
+            out.append(json.loads((progress_dir / f"rank{rank}.json").read_text()))
+        except (OSError, ValueError):
+            out.append({"rank": rank, "phase": "starting", "computed": 0, "applied": 0})
+    return out
+
+
+def _watch(
+    procs: list[subprocess.Popen],
+    progress_dir: Path,
+    on_progress: Callable[[list[dict]], None] | None,
+    stall_timeout: float,
+) -> dict[int, int]:
+    """Follow the workers until all have exited; return {rank: exit code} of those that failed.
+
+    A failed worker does not stop the others: they detect it (its connections close), stop waiting for it
+    and finish their drain without it.
+    """
+    last_change = time.monotonic()
+    last_seen: list[dict] = []
+    while True:
+        codes = [p.poll() for p in procs]
+        seen = _read_progress(progress_dir, len(procs))
+        if seen != last_seen:
+            last_seen = seen
+            last_change = time.monotonic()
+            if on_progress is not None:
+                on_progress(seen)
+        if all(c is not None for c in codes):
+            return {r: c for r, c in enumerate(codes) if c != 0}
+        if time.monotonic() - last_change > stall_timeout:
+            raise RunFailed(
+                f"no progress for {stall_timeout:.0f} s; the run looks hung. Logs: {progress_dir.parent / 'logs'}"
+            )
+        time.sleep(0.2)

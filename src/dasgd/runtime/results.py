@@ -1,0 +1,203 @@
+"""Turn the workers' end-of-run shards into a run directory: event log, metrics, summary, plots, report.
+
+Everything written here is derived from the shards alone, and every figure can be regenerated from
+``events.jsonl`` (``dasgd report RUN_DIR``).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dasgd.core.ledger import compute_staleness
+from dasgd.experiments.spec import RunSpec
+from dasgd.runtime.shard import WorkerShard
+
+__all__ = ["summarize", "write_run_outputs", "replica_tolerance", "render_run_dir"]
+
+
+def replica_tolerance(dtype: np.dtype, gradients: int) -> float:
+    """Relative parameter difference still counted as agreement between replicas.
+
+    Replicas hold the same gradient SET but add it up in different orders, and float addition is not
+    associative: the rounding differences grow like sqrt(T) unit roundoffs (random-walk accumulation), with
+    a generous factor 64 for correlated rounding.
+    """
+    eps = float(np.finfo(dtype).eps)
+    return 64.0 * eps * max(1.0, float(np.sqrt(max(1, gradients))))
+
+
+def summarize(
+    spec: RunSpec, shards: list[WorkerShard], task_info: dict[str, Any], batch_size: int, lr: float
+) -> dict[str, Any]:
+    """The run's summary.json content (keys documented in dasgd.metrics.report).
+
+    ``shards`` holds one shard per worker that finished; a worker that died leaves none. Its gradient count
+    is then known only as the most any survivor holds, and the gradients some survivors hold and others do
+    not are counted as lost.
+    """
+    shards = sorted(shards, key=lambda s: s.meta["rank"])
+    n = spec.workers
+    live = [int(s.meta["rank"]) for s in shards]
+    dead = sorted(set(range(n)) - set(live))
+    final_clocks = np.stack([s.final_clock for s in shards])
+    computed = final_clocks.max(axis=0).astype(np.int64)  # dead workers: the most anyone got
+    for s in shards:
+        computed[s.meta["rank"]] = s.meta["computed"]
+    total = int(computed.sum())
+    # A gradient is lost when some live replica does not hold it at the end.
+    lost = int(np.maximum(0, computed - final_clocks.min(axis=0)).sum())
+    duplicated = int(np.maximum(0, final_clocks - computed).sum())
+    exactly_once = bool(np.array_equal(final_clocks, np.broadcast_to(computed, final_clocks.shape)))
+    set_digests = [hashlib.sha256(c.astype("<i8").tobytes()).hexdigest()[:16] for c in final_clocks]
+
+    ref = shards[0].params.astype(np.float64)
+    diffs = [float(np.max(np.abs(s.params.astype(np.float64) - ref))) if ref.size else 0.0 for s in shards]
+    scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
+    max_diff = max(diffs)
+    tol = replica_tolerance(shards[0].params.dtype, total)
+    replicas_agree = bool(exactly_once and max_diff / scale <= tol)
+
+    stats = compute_staleness(
+        np.concatenate([s.origin for s in shards]),
+        np.concatenate([s.index for s in shards]),
+        np.concatenate([s.end for s in shards]),
+        np.concatenate([s.clock.reshape(-1, n) for s in shards]),
+    )
+    train_time = max(float(s.meta["train_end"]) for s in shards)
+    drain_time = max(float(s.meta["drain_end"]) for s in shards)
+    reasons = sorted({s.meta["stop_reason"] for s in shards} - {"stop_requested"})
+    per_worker = []
+    for s, digest in zip(shards, set_digests):
+        tr = s.meta.get("transport", {})
+        rejected = dict(tr.get("rejected", {}))
+        for k, v in s.meta.get("rejected", {}).items():
+            rejected[k] = rejected.get(k, 0) + v
+        per_worker.append(
+            {
+                "rank": s.meta["rank"],
+                "computed": s.meta["computed"],
+                "applied": int(s.final_clock.sum()),
+                "rejected": rejected,
+                "sent_messages": tr.get("sent_messages", 0),
+                "sent_bytes": tr.get("sent_bytes", 0),
+                "coalesced": tr.get("coalesced", 0),
+                "undelivered": tr.get("undelivered", 0),
+                "slowdown": spec.slowdown(s.meta["rank"]),
+                "drained": s.meta["drained"],
+                "gradient_set": digest,
+                "param_checksum": s.meta.get("param_checksum", ""),
+                "compute_s_per_gradient": _mean_step(s),
+            }
+        )
+    return {
+        "task": spec.task,
+        "algorithm": spec.algorithm,
+        "workers": n,
+        "topology": spec.topology,
+        "stop_reason": ",".join(reasons) or "stop_requested",
+        "time_unit": "wall",
+        "lr": lr,
+        "batch_size": batch_size,
+        "wall_time_s": train_time,
+        "drain_time_s": drain_time - train_time,
+        "samples_per_s": total * batch_size / train_time if train_time > 0 else 0.0,
+        "final_metrics": shards[0].meta.get("final_metrics", {}),
+        "gradients_computed": total,
+        "gradients_applied": [int(c.sum()) for c in final_clocks],
+        "gradients_lost": lost,
+        "gradients_duplicated": duplicated,
+        "exactly_once": exactly_once,
+        "dead_workers": dead,
+        "drained": all(s.meta["drained"] for s in shards),
+        "staleness": stats.to_dict(),
+        "replicas_agree": replicas_agree,
+        "max_replica_diff": max_diff,
+        "replica_tolerance": tol * scale,
+        "gradient_set_digests": set_digests,
+        "per_worker": per_worker,
+        "task_info": task_info,
+        "faithful": spec.algorithm == "dasgd" and spec.data == "shared",
+        "notes": spec.notes,
+    }
+
+
+def _mean_step(s: WorkerShard) -> float:
+    if s.start.size == 0:
+        return 0.0
+    return float(np.mean(s.end - s.start))
+
+
+def write_run_outputs(
+    run_dir: Path, spec: RunSpec, shards: list[WorkerShard], summary: dict[str, Any]
+) -> None:
+    """Write events.jsonl, summary.json, then render metrics.csv, plots and report.md."""
+    from dasgd.metrics.eventlog import write_event_log
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    n = spec.workers
+    evals: list[dict] = []
+    runs: list[dict] = []
+    for s in sorted(shards, key=lambda s: s.meta["rank"]):
+        evals.extend(s.meta.get("evals", []))
+        runs.append(
+            {
+                "event": "stop",
+                "time": s.meta["train_end"],
+                "worker": s.meta["rank"],
+                "reason": s.meta["stop_reason"],
+            }
+        )
+        runs.append(
+            {
+                "event": "drained" if s.meta["drained"] else "drain_timeout",
+                "time": s.meta["drain_end"],
+                "worker": s.meta["rank"],
+            }
+        )
+    origin = np.concatenate([s.origin for s in shards])
+    end = np.concatenate([s.end for s in shards])
+    order = np.lexsort((np.concatenate([s.index for s in shards]), origin, end))
+    write_event_log(
+        run_dir / "events.jsonl",
+        origin[order],
+        np.concatenate([s.index for s in shards])[order],
+        np.concatenate([s.start for s in shards])[order],
+        end[order],
+        np.concatenate([s.clock.reshape(-1, n) for s in shards])[order],
+        evals=sorted(evals, key=lambda e: e["time"]),
+        runs=runs,
+    )
+    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    render_run_dir(run_dir)
+
+
+def render_run_dir(run_dir: Path) -> None:
+    """(Re)build metrics.csv, plots and report.md from events.jsonl and summary.json."""
+    from dasgd.metrics.eventlog import read_event_log, write_metrics_csv
+    from dasgd.metrics.plots import plot_run
+    from dasgd.metrics.report import write_report
+
+    log = read_event_log(run_dir / "events.jsonl")
+    write_metrics_csv(log, run_dir / "metrics.csv")
+    summary = (
+        json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
+    )
+    time_label = "virtual time (s)" if summary.get("time_unit") == "virtual" else "wall time (s)"
+    title = (
+        f"{summary.get('algorithm', '')} on {summary.get('task', '')}, {summary.get('workers', '?')} workers"
+    )
+    plot_run(log, run_dir / "plots", time_label=time_label, title=title)
+    write_report(run_dir)
+
+
+def _json_default(obj: Any) -> Any:
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, np.ndarray):
+        return obj.tolist()
+    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")

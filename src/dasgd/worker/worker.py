@@ -1,0 +1,250 @@
+"""One DASGD worker: a replica, its vector clock, and the step-level operations on them.
+
+The worker is pure mechanism (DESIGN.md): no threads, no sockets, no clocks, no loop. The real-time runtime,
+the simulator and the PyTorch wrapper all drive it through the same four operations:
+
+- ``receive(messages)``: apply arrived gradients (each exactly once), note control signals, and return the
+  copies to forward along the broadcast trees of a sparse topology;
+- ``compute()``: a stochastic gradient at the current replica, with the vector clock at its start;
+- ``commit(gradient)``: apply the own gradient at once and return the messages that push it to the peers;
+- ``finish()``: stop computing and announce the final gradient count (the start of the end-of-run drain).
+
+The vector clock ``clock[j]`` is how many of worker ``j``'s gradients the replica holds (a contiguous prefix
+of ``j``'s ids, since links are FIFO and each origin's messages follow one tree path). It is what the
+staleness ledger needs, recorded at the start of each gradient computation.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from dasgd.algorithms.base import Algorithm
+from dasgd.core.gradset import GradientSet
+from dasgd.core.message import Kind, Message
+from dasgd.core.topology import Topology
+from dasgd.worker.replica import flat_grad, flatten_parameters
+
+__all__ = ["Gradient", "Outgoing", "Worker"]
+
+Outgoing = tuple[int, Message]
+"""A message and the peer it must be sent to."""
+
+
+@dataclass(frozen=True)
+class Gradient:
+    """One computed stochastic gradient, not yet applied."""
+
+    grad: torch.Tensor
+    """Flat gradient vector (a fresh tensor, never modified later)."""
+    clock: np.ndarray
+    """The worker's vector clock when the computation started."""
+    loss: float
+    """Mini-batch loss at the replica the gradient was computed on."""
+
+
+class Worker:
+    """One replica and the bookkeeping that makes every gradient land exactly once on it.
+
+    Args:
+        rank: this worker's id in ``[0, world_size)``.
+        world_size: number of workers.
+        model: the replica; its parameters are moved into one flat vector (see replica.py).
+        topology: the communication graph; messages follow each origin's broadcast tree.
+        algorithm: the update rule.
+        lr: the fixed stepsize eta.
+        loss_fn: ``loss_fn(model) -> scalar`` computing the mini-batch loss on the next batch; None when the
+            gradients come from outside (the PyTorch wrapper calls ``commit_external``).
+        grads_per_message: TensAIR's B: own gradients summed into one message (1 is the theory's setting).
+        send_clock: attach the vector clock to outgoing messages (costs world_size * 8 bytes each).
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        model: nn.Module,
+        topology: Topology,
+        algorithm: Algorithm,
+        lr: float,
+        loss_fn=None,
+        grads_per_message: int = 1,
+        send_clock: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is outside [0, {world_size})")
+        if topology.n != world_size:
+            raise ValueError(f"topology has {topology.n} nodes but the run has {world_size} workers")
+        if grads_per_message < 1:
+            raise ValueError(f"grads_per_message must be at least 1, got {grads_per_message}")
+        self.rank = rank
+        self.world_size = world_size
+        self.model = model
+        self.params = flatten_parameters(model)
+        self.topology = topology
+        self.algorithm = algorithm
+        self.lr = lr
+        self.loss_fn = loss_fn
+        self.grads_per_message = grads_per_message
+        self.send_clock = send_clock
+        self.clock = np.zeros(world_size, dtype=np.int64)
+        self._sets = [GradientSet() for _ in range(world_size)]
+        self._finals: dict[int, int] = {}
+        self._own_children = topology.children(rank, rank)
+        self._pending: torch.Tensor | None = None  # own gradients not yet sent (B > 1)
+        self._pending_lo = 0
+        self.computed = 0
+        self.stopped = False
+        self.stop_requested = False
+        self.rejected: Counter[str] = Counter()
+        self.dead: set[int] = set()
+
+    # -- state ---------------------------------------------------------------------------------------
+    @property
+    def applied(self) -> int:
+        """Gradients the replica holds (own ones included)."""
+        return int(self.clock.sum())
+
+    @property
+    def complete(self) -> bool:
+        """Every worker's final count is known and every one of their gradients has been applied."""
+        for j in range(self.world_size):
+            if j in self.dead:
+                continue
+            n = self._finals.get(j)
+            if n is None or self._sets[j].prefix != n or len(self._sets[j]) != n:
+                return False
+        return True
+
+    def declare_dead(self, origin: int) -> None:
+        """Stop waiting for ``origin`` (its process died): the drain completes without its final count.
+
+        What this replica holds of the dead worker's gradients stays applied; gradients that reached some
+        replicas and not others are reported as lost by the run summary.
+        """
+        if origin != self.rank:
+            self.dead.add(origin)
+
+    def finals(self) -> dict[int, int]:
+        """Final gradient counts announced so far, by origin."""
+        return dict(self._finals)
+
+    # -- the four operations -------------------------------------------------------------------------
+    def receive(self, messages: list[Message]) -> list[Outgoing]:
+        """Apply arrived messages; return what must be forwarded. Invalid or duplicate ones are counted."""
+        forward: list[Outgoing] = []
+        for raw in messages:
+            msg = self._accept(raw)
+            if msg is None:
+                continue
+            if msg.kind == Kind.GRADIENT:
+                self._sets[msg.origin].add(msg.lo, msg.hi)
+                self.clock[msg.origin] = self._sets[msg.origin].prefix
+                self.algorithm.remote_update(self.params, msg.payload, self.lr, msg.count)
+            elif msg.kind == Kind.FINAL:
+                self._finals[msg.origin] = msg.hi
+            elif msg.kind == Kind.STOP:
+                self.stop_requested = True
+            else:
+                continue  # SHUTDOWN is for the transport; MODEL is not used by DASGD
+            children = self.topology.children(msg.origin, self.rank)
+            if children:
+                fwd = msg.forwarded_by(self.rank)
+                forward.extend((c, fwd) for c in children)
+        return forward
+
+    def compute(self) -> Gradient:
+        """A stochastic gradient on the next mini-batch at the current replica (not applied)."""
+        if self.loss_fn is None:
+            raise RuntimeError(
+                "this worker has no loss function; use commit_external() with your own gradients"
+            )
+        if self.stopped:
+            raise RuntimeError("the worker has finished; it computes no more gradients")
+        clock = self.clock.copy()
+        self.model.zero_grad(set_to_none=True)
+        loss = self.loss_fn(self.model)
+        loss.backward()
+        return Gradient(flat_grad(self.model, self.params), clock, float(loss.detach()))
+
+    def commit(self, gradient: Gradient) -> list[Outgoing]:
+        """Apply the own gradient at once and return the messages that push it to the peers."""
+        if self.stopped:
+            raise RuntimeError("the worker has finished; it accepts no more gradients")
+        self.algorithm.local_update(self.params, gradient.grad, self.lr)
+        index = self.computed
+        self.computed += 1
+        self._sets[self.rank].add(index, index + 1)
+        self.clock[self.rank] = self.computed
+        if self.grads_per_message == 1:
+            return self._push(Kind.GRADIENT, index, index + 1, gradient.grad)
+        if self._pending is None:
+            self._pending = gradient.grad.clone()
+            self._pending_lo = index
+        else:
+            self._pending.add_(gradient.grad)
+        if self.computed - self._pending_lo >= self.grads_per_message:
+            return self._flush_pending()
+        return []
+
+    def request_stop(self) -> list[Outgoing]:
+        """Ask every worker to stop computing (a stop rule fired here)."""
+        self.stop_requested = True
+        return self._push(Kind.STOP, 0, 0, None)
+
+    def finish(self) -> list[Outgoing]:
+        """Stop computing: send what is pending and announce the final count to everyone."""
+        if self.stopped:
+            return []
+        out = self._flush_pending()
+        self.stopped = True
+        self._finals[self.rank] = self.computed
+        return out + self._push(Kind.FINAL, self.computed, self.computed, None)
+
+    # -- helpers -------------------------------------------------------------------------------------
+    def _flush_pending(self) -> list[Outgoing]:
+        if self._pending is None:
+            return []
+        grad, lo = self._pending, self._pending_lo
+        self._pending = None
+        return self._push(Kind.GRADIENT, lo, self.computed, grad)
+
+    def _push(self, kind: Kind, lo: int, hi: int, payload: torch.Tensor | None) -> list[Outgoing]:
+        clock = self.clock.copy() if self.send_clock else None
+        msg = Message(kind, self.rank, self.rank, lo, hi, payload, clock)
+        return [(peer, msg) for peer in self._own_children]
+
+    def _accept(self, msg: Message) -> Message | None:
+        """Checks the wire codec cannot make: routing, duplicates, shape against this replica."""
+        if not (0 <= msg.origin < self.world_size and 0 <= msg.sender < self.world_size):
+            self.rejected["unknown_sender"] += 1
+            return None
+        if msg.origin == self.rank:
+            self.rejected["own_message"] += 1  # a route loop or a forged origin; never re-apply own work
+            return None
+        if self.topology.parent(msg.origin, self.rank) != msg.sender:
+            self.rejected["wrong_route"] += 1
+            return None
+        if msg.kind == Kind.GRADIENT:
+            if msg.payload is None or msg.payload.numel() != self.params.numel():
+                self.rejected["shape"] += 1
+                return None
+            if msg.lo < 0 or msg.hi <= msg.lo:
+                self.rejected["bad_range"] += 1
+                return None
+            if self._sets[msg.origin].overlaps(msg.lo, msg.hi):
+                self.rejected["duplicate"] += 1
+                return None
+            final = self._finals.get(msg.origin)
+            if final is not None and msg.hi > final:
+                self.rejected["after_final"] += 1
+                return None
+            if msg.payload.dtype != self.params.dtype or msg.payload.device != self.params.device:
+                # A different dtype/device is a configuration mismatch between peers, not corruption: convert.
+                payload = msg.payload.to(self.params.device, self.params.dtype)
+                msg = Message(msg.kind, msg.sender, msg.origin, msg.lo, msg.hi, payload, msg.clock)
+        return msg

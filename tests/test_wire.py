@@ -1,0 +1,545 @@
+"""Tests for the wire codec (dasgd.core.wire).
+
+The oracle is ``_reference_bytes``: an independent encoder written from the layout in the module docstring
+with int.to_bytes, zlib and hmac only (no struct, no code from the module). Encoded bytes must equal it
+exactly, and hand-crafted malformed messages (which the real encoder refuses to produce) come from it too.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import zlib
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from dasgd.core.message import Kind, Message
+from dasgd.core.wire import (
+    HEADER_SIZE,
+    REJECT_REASONS,
+    TAG_SIZE,
+    WIRE_VERSION,
+    WireError,
+    WireUsageError,
+    decode,
+    encode,
+    encode_into,
+    encoded_size,
+)
+
+# Hand-written from the spec, deliberately not imported from the module.
+CODES = {None: 0, torch.float32: 1, torch.float64: 2, torch.float16: 3, torch.bfloat16: 4, torch.uint8: 5}
+ITEMSIZE = {None: 0, torch.float32: 4, torch.float64: 8, torch.float16: 2, torch.bfloat16: 2, torch.uint8: 1}
+DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16, torch.uint8]
+U64 = 2**64 - 1
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+
+
+def _le(value: int, size: int) -> bytes:
+    return value.to_bytes(size, "little")
+
+
+def _reference_bytes(
+    *,
+    kind: int,
+    sender: int,
+    origin: int,
+    lo: int = 0,
+    hi: int = 0,
+    code: int = 0,
+    payload_bytes: bytes = b"",
+    numel: int = 0,
+    clock: list[int] | None = None,
+    key: bytes | None = None,
+    version: int = 1,
+    magic: bytes = b"DSGD",
+    flags: int | None = None,
+    total_length: int | None = None,
+    n_clock: int | None = None,
+    fix_crc: bool = True,
+) -> bytes:
+    """Independent encoder; every field can be overridden to build malformed but well-checksummed bytes."""
+    clock = clock or []
+    signed = key is not None
+    flags = (1 if signed else 0) if flags is None else flags
+    n_clock = len(clock) if n_clock is None else n_clock
+    clock_bytes = b"".join(v.to_bytes(8, "little", signed=True) for v in clock)
+    body_len = 56 + len(clock_bytes) + len(payload_bytes)
+    total = body_len + (32 if signed else 0) if total_length is None else total_length
+    head = (
+        magic
+        + bytes([version, kind, code, flags])
+        + _le(sender, 4)
+        + _le(origin, 4)
+        + _le(lo, 8)
+        + _le(hi, 8)
+        + _le(n_clock, 4)
+        + _le(numel, 8)
+        + _le(total, 8)
+    )
+    assert len(head) == 52
+    body = head + b"\0\0\0\0" + clock_bytes + payload_bytes
+    crc = zlib.crc32(body) if fix_crc else 0
+    body = head + _le(crc, 4) + clock_bytes + payload_bytes
+    if signed:
+        body += hmac.new(key, body, hashlib.sha256).digest()
+    return body
+
+
+def _ref_from_msg(msg: Message, key: bytes | None, raw: bytes) -> bytes:
+    dtype = None if msg.payload is None else msg.payload.dtype
+    return _reference_bytes(
+        kind=int(msg.kind),
+        sender=msg.sender,
+        origin=msg.origin,
+        lo=msg.lo,
+        hi=msg.hi,
+        code=CODES[dtype],
+        payload_bytes=raw,
+        numel=0 if msg.payload is None else msg.payload.numel(),
+        clock=None if msg.clock is None else [int(v) for v in msg.clock],
+        key=key,
+    )
+
+
+def _tensor_from_raw(raw: bytes, dtype: torch.dtype) -> torch.Tensor:
+    if not raw:
+        return torch.empty(0, dtype=dtype)
+    return torch.frombuffer(bytearray(raw), dtype=dtype).clone()
+
+
+def _raw(t: torch.Tensor) -> bytes:
+    return bytes(t.contiguous().view(torch.uint8).numpy())
+
+
+def _reason(buf: object, **kw: object) -> str:
+    with pytest.raises(WireError) as info:
+        decode(buf, **kw)  # type: ignore[arg-type]
+    assert info.value.reason in REJECT_REASONS
+    return info.value.reason
+
+
+# ------------------------------------------------------------------------------------------ strategies
+
+
+@st.composite
+def cases(draw: st.DrawFn, kinds: list[Kind] | None = None, max_numel: int = 24) -> tuple:
+    """(message, raw payload bytes, world_size, key)."""
+    world = draw(st.integers(1, 6))
+    kind = draw(st.sampled_from(kinds or list(Kind)))
+    sender = draw(st.integers(0, world - 1))
+    origin = draw(st.integers(0, world - 1))
+    lo = hi = 0
+    if kind == Kind.GRADIENT:
+        lo = draw(st.integers(0, U64 - 1))
+        hi = draw(st.integers(lo + 1, U64))
+    elif kind == Kind.FINAL:
+        lo = hi = draw(st.integers(0, U64))
+    payload, raw = None, b""
+    if kind in (Kind.GRADIENT, Kind.MODEL):
+        dtype = draw(st.sampled_from(DTYPES))
+        numel = draw(st.integers(0, max_numel))
+        raw = draw(st.binary(min_size=numel * ITEMSIZE[dtype], max_size=numel * ITEMSIZE[dtype]))
+        payload = _tensor_from_raw(raw, dtype)
+    clock = None
+    if draw(st.booleans()):
+        clock = np.array(draw(st.lists(st.integers(0, 2**63 - 1), min_size=world, max_size=world)), np.int64)
+    key = draw(st.one_of(st.none(), st.binary(min_size=1, max_size=64)))
+    return Message(kind, sender, origin, lo, hi, payload, clock), raw, world, key
+
+
+def _check_same(got: Message, msg: Message, raw: bytes) -> None:
+    assert (got.kind, got.sender, got.origin, got.lo, got.hi) == (
+        msg.kind,
+        msg.sender,
+        msg.origin,
+        msg.lo,
+        msg.hi,
+    )
+    assert isinstance(got.kind, Kind)
+    if msg.payload is None:
+        assert got.payload is None
+    else:
+        assert got.payload is not None
+        assert got.payload.dtype == msg.payload.dtype
+        assert got.payload.shape == (msg.payload.numel(),)
+        assert _raw(got.payload) == raw  # bytes, so NaN bit patterns compare too
+    if msg.clock is None:
+        assert got.clock is None
+    else:
+        assert got.clock is not None and got.clock.dtype == np.int64
+        assert got.clock.tolist() == msg.clock.tolist()
+
+
+# ------------------------------------------------------------------------------------------ layout
+
+
+def test_sizes_match_the_documented_layout() -> None:
+    assert WIRE_VERSION == 1
+    assert HEADER_SIZE == 4 + 4 * 1 + 2 * 4 + 2 * 8 + 4 + 8 + 8 + 4 == 56
+    assert TAG_SIZE == 32
+    # 10 float32 + 4 clock entries + tag = 56 + 32 + 40 + 32
+    assert encoded_size(10, torch.float32, 4, True) == 160
+    assert encoded_size(0, None, 0, False) == 56
+    assert encoded_size(3, torch.bfloat16, 0, False) == 62
+    with pytest.raises(WireUsageError):
+        encoded_size(3, None, 0, False)
+    with pytest.raises(WireUsageError):
+        encoded_size(3, torch.int32, 0, False)
+
+
+def test_encode_matches_hand_built_bytes() -> None:
+    msg = Message(
+        Kind.GRADIENT, 1, 2, 7, 9, torch.tensor([1.0, -2.0], dtype=torch.float32), np.array([3, 4, 5])
+    )
+    got = encode(msg)
+    assert got[:4] == b"DSGD" and got[4:8] == bytes([1, 1, 1, 0])
+    assert got[8:12] == b"\x01\0\0\0" and got[12:16] == b"\x02\0\0\0"
+    assert got[36:44] == b"\x02" + b"\0" * 7  # numel
+    assert int.from_bytes(got[44:52], "little") == len(got) == 56 + 24 + 8
+    assert got[56:64] == b"\x03" + b"\0" * 7
+    # IEEE-754 little-endian: 1.0 = 0x3f800000, -2.0 = 0xc0000000
+    assert got[80:88] == bytes.fromhex("0000803f000000c0")
+    assert got == _reference_bytes(
+        kind=1, sender=1, origin=2, lo=7, hi=9, code=1, payload_bytes=got[80:], numel=2, clock=[3, 4, 5]
+    )
+
+
+# ------------------------------------------------------------------------------------------ round trips
+
+
+@FAST
+@given(cases())
+def test_round_trip_every_kind_and_dtype(case: tuple) -> None:
+    msg, raw, world, key = case
+    data = encode(msg, key)
+    assert data == _ref_from_msg(msg, key, raw)
+    dtype = None if msg.payload is None else msg.payload.dtype
+    numel = 0 if msg.payload is None else msg.payload.numel()
+    n_clock = 0 if msg.clock is None else world
+    assert len(data) == encoded_size(numel, dtype, n_clock, key is not None)
+    got = decode(data, world_size=world, key=key, expected_numel=numel, expected_dtype=dtype)
+    _check_same(got, msg, raw)
+    if key is not None:  # no key on the receiver: the tag is ignored
+        _check_same(decode(data, world_size=world), msg, raw)
+
+
+@FAST
+@given(cases(), st.integers(0, 200), st.binary(min_size=1, max_size=1))
+def test_encode_into_oversized_buffer_then_decode_whole_buffer(case: tuple, extra: int, fill: bytes) -> None:
+    msg, raw, world, key = case
+    size = len(_ref_from_msg(msg, key, raw))
+    out = torch.full((size + extra,), fill[0], dtype=torch.uint8)
+    n = encode_into(msg, out, key)
+    assert n == size
+    assert bytes(out[:n].numpy()) == _ref_from_msg(msg, key, raw)
+    assert bytes(out[n:].numpy()) == fill * extra  # nothing written past the message
+    for buf in (out, bytes(out.numpy()), bytearray(out.numpy()), memoryview(out.numpy())):
+        _check_same(decode(buf, world_size=world, key=key), msg, raw)
+
+
+def test_decoded_payload_owns_its_memory() -> None:
+    msg = Message(Kind.MODEL, 0, 0, payload=torch.arange(8, dtype=torch.float64), clock=np.array([5]))
+    buf = bytearray(encode(msg))
+    got = decode(buf, world_size=1)
+    buf[56:] = b"\xff" * (len(buf) - 56)
+    assert torch.equal(got.payload, torch.arange(8, dtype=torch.float64))
+    assert got.clock.tolist() == [5]
+    assert got.clock.flags.writeable and got.clock.flags.owndata
+
+
+def test_large_float32_payload_is_exact() -> None:
+    gen = torch.Generator().manual_seed(0)
+    values = torch.randn(100_000, generator=gen) * 1e3
+    msg = Message(Kind.GRADIENT, 3, 1, 10, 42, values, np.arange(4, dtype=np.int64))
+    data = encode(msg, b"secret")
+    assert len(data) == 56 + 32 + 400_000 + 32
+    got = decode(data, world_size=4, expected_numel=100_000, expected_dtype=torch.float32, key=b"secret")
+    assert torch.equal(got.payload, values)
+    assert got.payload.numpy().tobytes() == values.numpy().tobytes()
+
+
+def test_non_contiguous_and_multi_dim_payloads_go_in_c_order() -> None:
+    base = torch.arange(24, dtype=torch.float32)
+    for t, want in (
+        (base[::3], [0, 3, 6, 9, 12, 15, 18, 21]),
+        (base.reshape(4, 6).t(), [0, 6, 12, 18, 1, 7, 13, 19, 2, 8, 14, 20, 3, 9, 15, 21, 4, 10, 16, 22]),
+    ):
+        msg = Message(Kind.GRADIENT, 0, 0, 0, 1, t)
+        got = decode(encode(msg), world_size=1)
+        assert got.payload.tolist()[: len(want)] == [float(v) for v in want]
+        out = torch.zeros(512, dtype=torch.uint8)
+        n = encode_into(msg, out)
+        assert bytes(out[:n].numpy()) == encode(msg)
+
+
+def test_empty_clock_and_empty_payload() -> None:
+    msg = Message(Kind.GRADIENT, 0, 0, 0, 1, torch.empty(0, dtype=torch.float16), np.zeros(0, np.int64))
+    got = decode(encode(msg), world_size=2)
+    assert got.clock is None  # zero entries means "no clock" on the wire
+    assert got.payload is not None and got.payload.numel() == 0 and got.payload.dtype == torch.float16
+
+
+# ------------------------------------------------------------------------------------------ rejection
+
+
+def _sample(signed: bool) -> tuple[bytes, bytes | None, dict[str, tuple[int, int]]]:
+    key = b"k3y" if signed else None
+    msg = Message(Kind.GRADIENT, 1, 0, 4, 6, torch.tensor([1.5, -0.25, 3.0]), np.array([2, 9]))
+    data = encode(msg, key)
+    regions = {"header": (0, 56), "clock": (56, 72), "payload": (72, 84)}
+    if signed:
+        regions["tag"] = (84, 116)
+    assert len(data) == (116 if signed else 84)
+    return data, key, regions
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_every_truncation_is_rejected(signed: bool) -> None:
+    data, key, regions = _sample(signed)
+    seen = set()
+    for name, (start, stop) in regions.items():
+        for cut in range(start, stop):
+            assert _reason(data[:cut], world_size=2, key=key) == "truncated", (name, cut)
+            seen.add(name)
+    assert seen == set(regions)
+    # also inside a bigger, partly filled receive buffer: the header says more than arrived
+    assert _reason(data[:-1], world_size=2, key=key) == "truncated"
+
+
+@pytest.mark.parametrize("signed", [False, True])
+def test_every_single_byte_flip_is_rejected(signed: bool) -> None:
+    data, key, _ = _sample(signed)
+    expected_early = {0: "bad_magic", 1: "bad_magic", 2: "bad_magic", 3: "bad_magic", 4: "bad_version"}
+    for pos in range(len(data)):
+        for mask in (0x01, 0x80, 0xFF, 0x5A):
+            bad = bytearray(data)
+            bad[pos] ^= mask
+            reason = _reason(bytes(bad), world_size=2, key=key)
+            if pos in expected_early:
+                assert reason == expected_early[pos]
+            elif pos >= 84:
+                assert reason == "auth"  # the tag only: crc does not cover it, the HMAC does
+            else:
+                assert reason in ("bad_flags", "bad_dtype", "shape", "bad_length", "truncated", "checksum"), (
+                    pos,
+                    mask,
+                    reason,
+                )
+
+
+@FAST
+@given(cases(max_numel=6), st.data())
+def test_random_flip_of_random_message_never_accepted(case: tuple, data: st.DataObject) -> None:
+    msg, _, world, key = case
+    buf = bytearray(encode(msg, key))
+    limit = len(buf) - (TAG_SIZE if key is not None else 0)
+    # Without a key the tag is not checked (by design), so flips there are only tested with the key.
+    pos = data.draw(st.integers(0, len(buf) - 1 if key is not None else limit - 1))
+    buf[pos] ^= data.draw(st.integers(1, 255))
+    _reason(bytes(buf), world_size=world, key=key)
+
+
+def test_flipped_tag_is_ignored_without_key_but_rejected_with_it() -> None:
+    data, _, _ = _sample(signed=True)
+    bad = bytearray(data)
+    bad[-1] ^= 1
+    assert decode(bytes(bad), world_size=2).lo == 4
+    assert _reason(bytes(bad), world_size=2, key=b"k3y") == "auth"
+
+
+def test_wrong_magic_and_versions() -> None:
+    assert _reason(_reference_bytes(kind=3, sender=0, origin=0, magic=b"DSGE"), world_size=1) == "bad_magic"
+    assert _reason(b"GET / HTTP/1.1\r\n" + b"x" * 100, world_size=1) == "bad_magic"
+    for version in (0, 2, 255):
+        data = _reference_bytes(kind=3, sender=0, origin=0, version=version)
+        assert _reason(data, world_size=1) == "bad_version"
+
+
+def test_authentication() -> None:
+    msg = Message(Kind.STOP, 0, 1)
+    signed = encode(msg, b"alpha")
+    assert _reason(signed, world_size=2, key=b"beta") == "auth"
+    assert _reason(encode(msg), world_size=2, key=b"alpha") == "auth"  # missing tag
+    assert decode(signed, world_size=2, key=b"alpha").kind == Kind.STOP
+    # a forger without the key recomputes the crc after editing the sender: crc passes, HMAC does not
+    forged = _reference_bytes(kind=3, sender=1, origin=1, key=b"guess")
+    assert _reason(forged, world_size=2, key=b"alpha") == "auth"
+    # a tag-flagged message whose tag is missing from the length is a length error
+    no_tag = _reference_bytes(kind=3, sender=0, origin=0, flags=1, total_length=56)
+    assert _reason(no_tag, world_size=1, key=b"alpha") == "bad_length"
+
+
+def test_unknown_sender_or_origin() -> None:
+    msg = Message(Kind.FINAL, 3, 0, 5, 5)
+    assert decode(encode(msg), world_size=4).sender == 3
+    assert _reason(encode(msg), world_size=3) == "unknown_sender"
+    assert _reason(encode(Message(Kind.FINAL, 0, 7, 5, 5)), world_size=4) == "unknown_sender"
+    assert _reason(_reference_bytes(kind=3, sender=2**32 - 1, origin=0), world_size=4) == "unknown_sender"
+
+
+@pytest.mark.parametrize(
+    ("kind", "lo", "hi", "payload"),
+    [
+        (1, 5, 5, True),
+        (1, 6, 5, True),
+        (2, 3, 4, False),
+        (3, 0, 1, False),
+        (4, 1, 0, False),
+        (5, 2, 2, True),
+    ],
+)
+def test_bad_range(kind: int, lo: int, hi: int, payload: bool) -> None:
+    pb = b"\0" * 8 if payload else b""
+    data = _reference_bytes(
+        kind=kind,
+        sender=0,
+        origin=0,
+        lo=lo,
+        hi=hi,
+        code=1 if payload else 0,
+        payload_bytes=pb,
+        numel=len(pb) // 4,
+    )
+    assert _reason(data, world_size=1) == "bad_range"
+    with pytest.raises(WireUsageError):  # the encoder refuses to produce it
+        encode(Message(Kind(kind), 0, 0, lo, hi, torch.zeros(2) if payload else None))
+
+
+def test_shape_and_dtype_rules() -> None:
+    grad = Message(Kind.GRADIENT, 0, 0, 0, 1, torch.zeros(5, dtype=torch.float16))
+    data = encode(grad)
+    assert _reason(data, world_size=1, expected_numel=6) == "shape"
+    assert _reason(data, world_size=1, expected_dtype=torch.float32) == "bad_dtype"
+    assert decode(data, world_size=1, expected_numel=5, expected_dtype=torch.float16).payload.numel() == 5
+    # control messages have no payload, so expectations about payloads do not apply to them
+    stop = encode(Message(Kind.STOP, 0, 0))
+    assert decode(stop, world_size=1, expected_numel=6, expected_dtype=torch.float32).payload is None
+    # GRADIENT without payload, STOP with one
+    assert _reason(_reference_bytes(kind=1, sender=0, origin=0, lo=0, hi=1), world_size=1) == "shape"
+    with_payload = _reference_bytes(kind=3, sender=0, origin=0, code=5, payload_bytes=b"ab", numel=2)
+    assert _reason(with_payload, world_size=1) == "shape"
+    # unknown dtype codes, and "no payload" with elements
+    assert (
+        _reason(_reference_bytes(kind=1, sender=0, origin=0, lo=0, hi=1, code=6), world_size=1) == "bad_dtype"
+    )
+    assert _reason(_reference_bytes(kind=3, sender=0, origin=0, numel=1), world_size=1) == "shape"
+
+
+def test_bad_kind_flags_length_and_clock() -> None:
+    for kind in (0, 6, 255):
+        assert _reason(_reference_bytes(kind=kind, sender=0, origin=0), world_size=1) == "bad_kind"
+    assert _reason(_reference_bytes(kind=3, sender=0, origin=0, flags=2), world_size=1) == "bad_flags"
+    long = _reference_bytes(kind=3, sender=0, origin=0, total_length=57) + b"\0"
+    assert _reason(long, world_size=1) == "bad_length"
+    assert (
+        _reason(
+            _reference_bytes(kind=3, sender=0, origin=0, numel=0, code=0, total_length=2**64 - 1),
+            world_size=1,
+        )
+        == "bad_length"
+    )
+    # huge counts that stay consistent with total_length: rejected before anything is allocated
+    huge = _reference_bytes(
+        kind=1, sender=0, origin=0, lo=0, hi=1, code=2, numel=2**40, total_length=56 + 8 * 2**40
+    )
+    assert _reason(huge, world_size=1) == "truncated"
+    assert _reason(_reference_bytes(kind=3, sender=0, origin=0, clock=[1, 2, 3]), world_size=2) == "bad_clock"
+    assert _reason(_reference_bytes(kind=3, sender=0, origin=0, clock=[1, -1]), world_size=2) == "bad_clock"
+    assert decode(
+        _reference_bytes(kind=3, sender=0, origin=0, clock=[1, 2]), world_size=2
+    ).clock.tolist() == [1, 2]
+    assert _reason(_reference_bytes(kind=3, sender=0, origin=0, fix_crc=False), world_size=1) == "checksum"
+
+
+# ------------------------------------------------------------------------------------------ fuzzing
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=400), st.integers(1, 8), st.one_of(st.none(), st.just(b"key")))
+def test_random_garbage_only_raises_wire_error(blob: bytes, world: int, key: bytes | None) -> None:
+    _reason(blob, world_size=world, key=key)
+    # the same garbage behind a valid magic and version gets further into the checks
+    _reason(b"DSGD\x01" + blob, world_size=world, key=key)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, 255),
+    st.integers(0, 255),
+    st.integers(0, 3),
+    st.integers(0, 2**32 - 1) | st.integers(0, 4),
+    st.integers(0, 2**32 - 1) | st.integers(0, 4),
+    st.integers(0, U64) | st.integers(0, 4),
+    st.integers(0, U64) | st.integers(0, 4),
+    st.integers(0, 4),
+    st.integers(0, 6),
+    st.binary(max_size=80),
+)
+def test_well_checksummed_random_headers_never_crash(
+    kind: int,
+    code: int,
+    flags: int,
+    sender: int,
+    origin: int,
+    lo: int,
+    hi: int,
+    n_clock: int,
+    numel: int,
+    rest: bytes,
+) -> None:
+    """Headers with valid magic, version, length and crc but random fields reach the semantic checks;
+    whatever the combination, the result is a Message or a WireError."""
+    dtype_by_code = {v: k for k, v in CODES.items()}
+    body_len = 56 + 8 * n_clock + numel * ITEMSIZE[dtype_by_code.get(code)]
+    signed = bool(flags & 1)
+    total = body_len + (32 if signed else 0)
+    # clock and payload bytes travel together in payload_bytes; n_clock is overridden to match
+    tail = ((rest or b"\x07") * (body_len + 1))[: body_len - 56]
+    data = _reference_bytes(
+        kind=kind,
+        sender=sender,
+        origin=origin,
+        lo=lo,
+        hi=hi,
+        code=code,
+        payload_bytes=tail,
+        numel=numel,
+        flags=flags,
+        n_clock=n_clock,
+        total_length=total,
+        key=b"x" if signed else None,
+    )
+    try:
+        got = decode(data, world_size=4)
+    except WireError as err:
+        assert err.reason in REJECT_REASONS
+    else:
+        assert isinstance(got, Message) and 0 <= got.sender < 4 and 0 <= got.origin < 4
+
+
+# ------------------------------------------------------------------------------------------ usage errors
+
+
+def test_usage_errors_are_value_errors() -> None:
+    msg = Message(Kind.GRADIENT, 0, 0, 0, 1, torch.zeros(4))
+    with pytest.raises(ValueError, match="needs 72"):
+        encode_into(msg, torch.zeros(71, dtype=torch.uint8))
+    with pytest.raises(ValueError):
+        encode_into(msg, torch.zeros(100, dtype=torch.float32))
+    with pytest.raises(ValueError):
+        encode(Message(Kind.GRADIENT, 0, 0, 0, 1, torch.zeros(4, dtype=torch.int32)))
+    with pytest.raises(ValueError):
+        encode(Message(Kind.GRADIENT, -1, 0, 0, 1, torch.zeros(4)))
+    with pytest.raises(ValueError):
+        encode(Message(Kind.STOP, 0, 0, clock=np.array([-1, 0])))
+    with pytest.raises(ValueError):
+        encode(msg, key=b"")
+    with pytest.raises(WireUsageError):
+        decode("not bytes", world_size=1)  # type: ignore[arg-type]
+    assert not issubclass(WireUsageError, WireError)
