@@ -179,7 +179,16 @@ def _train(args: argparse.Namespace) -> int:
     else:
         print(format_summary(summary))
         print(f"run directory: {run_dir}  (report: {run_dir / 'report.md'})")
-    return EXIT_OK if summary.get("gradients_lost", 0) == 0 and summary.get("replicas_agree") else EXIT_FAILED
+    problems = []
+    if summary.get("failed_workers"):
+        problems.append(f"worker(s) {', '.join(summary['failed_workers'])} died; the survivors finished without them")
+    if summary.get("gradients_lost", 0):
+        problems.append(f"{summary['gradients_lost']} gradients are missing from some replica")
+    if not summary.get("replicas_agree", False):
+        problems.append("the replicas do not agree at the end")
+    for problem in problems:
+        print(f"dasgd: warning: {problem}", file=sys.stderr)
+    return EXIT_FAILED if problems else EXIT_OK
 
 
 def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:

@@ -1,0 +1,71 @@
+"""Run under `torchrun --standalone --nproc-per-node 2`: untrusted bytes against a real Gloo transport.
+
+Rank 0 plays a hostile or broken peer: it pushes raw byte strings (garbage, truncated, corrupted, forged)
+straight onto the wire, then valid gradient messages. Rank 1 is a normal TorchDistTransport endpoint and must
+reject and count every bad one, apply none of them, and deliver every valid one. Prints one JSON line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+
+import torch
+import torch.distributed as dist
+
+from dasgd.core.message import Kind, Message
+from dasgd.core.wire import encode
+from dasgd.transport.torchdist import TorchDistTransport
+
+D = 1000
+TAG = 7  # the transport's data-plane tag
+
+
+def raw_send(data: bytes) -> None:
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), dst=1, tag=TAG)
+
+
+def main() -> None:
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    coll = dist.new_group(backend="gloo")
+    if rank == 0:
+        good = [encode(Message(Kind.GRADIENT, 0, 0, i, i + 1, torch.full((D,), float(i)))) for i in range(20)]
+        flipped = bytearray(good[0])
+        flipped[len(flipped) // 2] ^= 0x40
+        bad = [
+            b"\x00" * 100,                              # garbage
+            good[1][:50],                               # truncated header
+            good[1][: len(good[1]) - 10],               # truncated payload
+            bytes(flipped),                             # corrupted payload
+            b"XXXX" + good[2][4:],                      # wrong magic
+            encode(Message(Kind.GRADIENT, 5, 5, 0, 1, torch.ones(D))),  # unknown sender (world is 2)
+        ]
+        for b in bad:
+            raw_send(b)
+        for g in good:
+            raw_send(g)
+        dist.barrier(group=coll)
+        raw_send(encode(Message(Kind.SHUTDOWN, 0, 0)))
+        dist.barrier(group=coll)
+    else:
+        t = TorchDistTransport(1, 2, D, torch.float32)
+        got: list[Message] = []
+        deadline = time.monotonic() + 30
+        while sum(m.count for m in got) < 20 and time.monotonic() < deadline:
+            t.wait(0.1)
+            got.extend(t.poll())
+        dist.barrier(group=coll)
+        t.expect_shutdown()
+        t._receiver.join(10)
+        ids = sorted(i for m in got for i in range(m.lo, m.hi))
+        total = float(sum(m.payload.sum().item() for m in got))
+        print(json.dumps({"ids": ids, "payload_sum": total, "rejected": dict(t.stats().rejected),
+                          "receiver_ended": not t._receiver.is_alive()}), flush=True)
+        dist.barrier(group=coll)
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

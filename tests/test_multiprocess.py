@@ -1,0 +1,154 @@
+"""Real processes on loopback: the straggler guarantee, a dead worker, two torchrun nodes, the example script.
+
+Every test bounds its time and cleans up the processes it started.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import dasgd
+from dasgd.metrics.eventlog import read_event_log
+from dasgd.runtime.launcher import free_port
+
+pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
+
+ROOT = Path(__file__).resolve().parent.parent
+ENV = {**os.environ, "GLOO_SOCKET_IFNAME": "lo", "OMP_NUM_THREADS": "1"}
+
+
+def rates(run_dir: Path) -> dict[int, float]:
+    """Gradients per second of each worker while it trained."""
+    log = read_event_log(run_dir / "events.jsonl")
+    out = {}
+    for w in np.unique(log.origin):
+        sel = log.origin == w
+        span = log.end[sel].max() - log.start[sel].min()
+        out[int(w)] = sel.sum() / span
+    return out
+
+
+def test_a_5x_straggler_loses_nothing_and_does_not_slow_the_others(tmp_path):
+    common = dict(task="mnist-logreg", workers=4, max_seconds=4.0, eval_every=10.0, seed=1)
+    base = dasgd.train(common, run_dir=str(tmp_path / "base"))
+    slow = dasgd.train(common, run_dir=str(tmp_path / "slow"), stragglers=["3x5"])
+    for s in (base, slow):
+        assert s["gradients_lost"] == 0
+        assert s["exactly_once"]
+        assert s["gradients_applied"] == [s["gradients_computed"]] * 4
+        assert s["replicas_agree"], s["max_replica_diff"]
+        assert len(set(s["gradient_set_digests"])) == 1
+    computed = {w["rank"]: w["computed"] for w in slow["per_worker"]}
+    # No barrier: each fast worker computes several times what the straggler does (a barrier would equalise).
+    assert min(computed[r] for r in (0, 1, 2)) >= 2.5 * computed[3]
+    # The fast workers' own pace is not dragged down by the straggler.
+    r_base, r_slow = rates(tmp_path / "base"), rates(tmp_path / "slow")
+    for r in (0, 1, 2):
+        assert r_slow[r] >= 0.8 * r_base[r], (r, r_slow[r], r_base[r])
+    assert r_slow[3] <= 0.5 * r_base[3]
+
+
+def _worker_pids(run_dir: Path) -> dict[int, int]:
+    pids = {}
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            cmd = (proc / "cmdline").read_bytes().split(b"\0")
+            env = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"dasgd.runtime.entry" in cmd and str(run_dir).encode() in cmd:
+            rank = [e for e in env if e.startswith(b"RANK=")]
+            if rank:
+                pids[int(rank[0][5:])] = int(proc.name)
+    return pids
+
+
+def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dasgd", "train", "--task", "mnist-logreg", "--workers", "3", "--max-seconds", "8",
+         "--run-dir", str(run_dir), "--no-progress", "--json"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            progress = run_dir / "progress" / "rank2.json"
+            if progress.exists() and json.loads(progress.read_text() or "{}").get("computed", 0) > 20:
+                break
+            time.sleep(0.2)
+        pids = _worker_pids(run_dir)
+        assert 2 in pids, pids
+        os.kill(pids[2], signal.SIGKILL)
+        out, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dead_workers"] == [2]
+    assert summary["failed_workers"] == {"2": -9}
+    assert summary["drained"]  # survivors finished their drain without the dead worker
+    assert summary["stop_reason"] == "max_seconds"  # they trained to the end of the budget
+    survivors = [w for w in summary["per_worker"] if w["rank"] in (0, 1)]
+    assert all(w["computed"] > 100 for w in survivors)
+    assert proc.returncode == 1  # the run reports that it is not a clean one
+
+
+def test_two_torchrun_nodes_of_two_processes(tmp_path):
+    port = free_port()
+    run_dir = tmp_path / "run"
+    cmd = ["torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
+           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dasgd-test", "-m", "dasgd", "train",
+           "--task", "digits-logreg", "--max-gradients", "1200", "--run-dir", str(run_dir)]
+    cmd[0] = str(Path(sys.executable).parent / "torchrun")
+    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+             for _ in range(2)]
+    try:
+        outs = [n.communicate(timeout=240)[0] for n in nodes]
+    finally:
+        for n in nodes:
+            if n.poll() is None:
+                n.kill()
+    assert all(n.returncode == 0 for n in nodes), outs
+    s = json.loads((run_dir / "summary.json").read_text())
+    assert s["workers"] == 4
+    assert s["gradients_lost"] == 0 and s["exactly_once"] and s["replicas_agree"]
+    assert s["final_metrics"]["test_accuracy"] >= 0.9
+    assert (run_dir / "plots" / "staleness.png").exists()
+
+
+def test_example_script_under_torchrun(tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "torchrun_dasgd.py"),
+         "--steps", "300"], capture_output=True, text=True, timeout=240, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = [ln for ln in proc.stdout.splitlines() if ln.startswith("workers=")][0]
+    fields = dict(kv.split("=") for kv in line.split())
+    assert fields["T"] == "600" and fields["applied"] == "600" and fields["lost"] == "0"
+    assert fields["replicas_agree"] == "True"
+    assert float(fields["test_accuracy"]) >= 0.85
+
+
+def test_gloo_transport_rejects_untrusted_bytes_and_delivers_valid_ones(tmp_path):
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    proc = subprocess.run(
+        [torchrun, "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "scripts" / "transport_check.py")],
+        capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][0])
+    assert result["ids"] == list(range(20))
+    assert result["payload_sum"] == sum(range(20)) * 1000
+    assert sum(result["rejected"].values()) == 6, result["rejected"]
+    assert result["rejected"].get("unknown_sender") == 1
+    assert result["receiver_ended"]
