@@ -50,9 +50,11 @@ def main() -> None:
     with torch.no_grad():
         accuracy = (model(x_test).argmax(1) == y_test).float().mean().item()
     if rank == 0:
-        print(f"workers={dist.get_world_size()} T={report.total_computed} applied={report.applied} "
-              f"lost={report.lost} replicas_agree={report.replicas_agree} S_avg={report.s_avg:.2f} "
-              f"S_max={report.s_max} test_accuracy={accuracy:.4f}")
+        print(
+            f"workers={dist.get_world_size()} T={report.total_computed} applied={report.applied} "
+            f"lost={report.lost} replicas_agree={report.replicas_agree} S_avg={report.s_avg:.2f} "
+            f"S_max={report.s_max} test_accuracy={accuracy:.4f}"
+        )
     trainer.close()
     os._exit(0)  # skip interpreter teardown: Gloo's background receive may still be posted
 

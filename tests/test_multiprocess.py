@@ -77,9 +77,27 @@ def _worker_pids(run_dir: Path) -> dict[int, int]:
 def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
     run_dir = tmp_path / "run"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "dasgd", "train", "--task", "mnist-logreg", "--workers", "3", "--max-seconds", "8",
-         "--run-dir", str(run_dir), "--no-progress", "--json"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=ENV)
+        [
+            sys.executable,
+            "-m",
+            "dasgd",
+            "train",
+            "--task",
+            "mnist-logreg",
+            "--workers",
+            "3",
+            "--max-seconds",
+            "8",
+            "--run-dir",
+            str(run_dir),
+            "--no-progress",
+            "--json",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
@@ -107,12 +125,33 @@ def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
 def test_two_torchrun_nodes_of_two_processes(tmp_path):
     port = free_port()
     run_dir = tmp_path / "run"
-    cmd = ["torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--rdzv-backend", "c10d",
-           "--rdzv-endpoint", f"127.0.0.1:{port}", "--rdzv-id", "dasgd-test", "-m", "dasgd", "train",
-           "--task", "digits-logreg", "--max-gradients", "1200", "--run-dir", str(run_dir)]
+    cmd = [
+        "torchrun",
+        "--nnodes",
+        "2",
+        "--nproc-per-node",
+        "2",
+        "--rdzv-backend",
+        "c10d",
+        "--rdzv-endpoint",
+        f"127.0.0.1:{port}",
+        "--rdzv-id",
+        "dasgd-test",
+        "-m",
+        "dasgd",
+        "train",
+        "--task",
+        "digits-logreg",
+        "--max-gradients",
+        "1200",
+        "--run-dir",
+        str(run_dir),
+    ]
     cmd[0] = str(Path(sys.executable).parent / "torchrun")
-    nodes = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
-             for _ in range(2)]
+    nodes = [
+        subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV)
+        for _ in range(2)
+    ]
     try:
         outs = [n.communicate(timeout=240)[0] for n in nodes]
     finally:
@@ -130,8 +169,21 @@ def test_two_torchrun_nodes_of_two_processes(tmp_path):
 def test_example_script_under_torchrun(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", str(ROOT / "examples" / "torchrun_dasgd.py"),
-         "--steps", "300"], capture_output=True, text=True, timeout=240, env=ENV, cwd=tmp_path)
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(ROOT / "examples" / "torchrun_dasgd.py"),
+            "--steps",
+            "300",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env=ENV,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     line = [ln for ln in proc.stdout.splitlines() if ln.startswith("workers=")][0]
     fields = dict(kv.split("=") for kv in line.split())
@@ -143,8 +195,19 @@ def test_example_script_under_torchrun(tmp_path):
 def test_gloo_transport_rejects_untrusted_bytes_and_delivers_valid_ones(tmp_path):
     torchrun = str(Path(sys.executable).parent / "torchrun")
     proc = subprocess.run(
-        [torchrun, "--standalone", "--nproc-per-node", "2", str(ROOT / "tests" / "scripts" / "transport_check.py")],
-        capture_output=True, text=True, timeout=120, env=ENV, cwd=tmp_path)
+        [
+            torchrun,
+            "--standalone",
+            "--nproc-per-node",
+            "2",
+            str(ROOT / "tests" / "scripts" / "transport_check.py"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=ENV,
+        cwd=tmp_path,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.loads([ln for ln in proc.stdout.splitlines() if ln.startswith("{")][0])
     assert result["ids"] == list(range(20))

@@ -41,7 +41,11 @@ def test_final_is_never_overtaken_and_blocks_merging_across_it():
     q.put(Message(Kind.FINAL, 0, 0, 1, 1))
     q.put(grad(0, 1, 2, 2.0))  # must not merge into the entry before the FINAL
     out = q.drain()
-    assert [(m.kind, m.lo, m.hi) for m in out] == [(Kind.GRADIENT, 0, 1), (Kind.FINAL, 1, 1), (Kind.GRADIENT, 1, 2)]
+    assert [(m.kind, m.lo, m.hi) for m in out] == [
+        (Kind.GRADIENT, 0, 1),
+        (Kind.FINAL, 1, 1),
+        (Kind.GRADIENT, 1, 2),
+    ]
 
 
 def test_non_contiguous_ranges_are_not_merged():

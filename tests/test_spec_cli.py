@@ -13,8 +13,13 @@ from dasgd.experiments.spec import SpecError, resolve_spec
 def run_cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
     import os
 
-    return subprocess.run([sys.executable, "-m", "dasgd", *args], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", "dasgd", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, **(env or {})},
+    )
 
 
 @pytest.mark.parametrize(
@@ -75,8 +80,14 @@ def test_cli_bad_input_exits_2_with_a_message_and_no_traceback(args, needle):
 
 
 def test_cli_missing_dataset_says_how_to_install(tmp_path):
-    proc = run_cli("train", "--task", "fashion-cnn", "--run-dir", str(tmp_path / "r"),
-                   env={"DASGD_FASHION_MNIST_DIR": str(tmp_path / "empty")})
+    proc = run_cli(
+        "train",
+        "--task",
+        "fashion-cnn",
+        "--run-dir",
+        str(tmp_path / "r"),
+        env={"DASGD_FASHION_MNIST_DIR": str(tmp_path / "empty")},
+    )
     assert proc.returncode == 2
     assert "apt-get install dataset-fashion-mnist" in proc.stderr
     assert "Traceback" not in proc.stderr

@@ -21,8 +21,18 @@ def quadratic_workers(n: int, topology=None, lr: float = 0.1, b: int = 1, dim: i
     workers = []
     for r in range(n):
         sampler = task.sampler(100 + r, 8)
-        workers.append(Worker(r, n, task.build_model(0), topo, DASGD(), lr,
-                              loss_fn=lambda m, s=sampler: task.loss(m, s.next()), grads_per_message=b))
+        workers.append(
+            Worker(
+                r,
+                n,
+                task.build_model(0),
+                topo,
+                DASGD(),
+                lr,
+                loss_fn=lambda m, s=sampler: task.loss(m, s.next()),
+                grads_per_message=b,
+            )
+        )
     return task, workers
 
 
@@ -107,13 +117,17 @@ def test_duplicates_wrong_routes_bad_shapes_and_own_messages_are_rejected_and_co
     good = Message(Kind.GRADIENT, 0, 0, 0, 1, torch.ones(20, dtype=torch.float64))
     w.receive([good])
     after_one = w.params.clone()
-    w.receive([
-        good,  # duplicate
-        Message(Kind.GRADIENT, 0, 0, 0, 1, torch.ones(20, dtype=torch.float64)),  # same ids again
-        Message(Kind.GRADIENT, 0, 0, 1, 2, torch.ones(7, dtype=torch.float64)),  # wrong shape
-        Message(Kind.GRADIENT, 1, 1, 0, 1, torch.ones(20, dtype=torch.float64)),  # own origin
-        Message(Kind.GRADIENT, 2, 0, 1, 2, torch.ones(20, dtype=torch.float64)),  # 0's gradients never come via 2
-    ])
+    w.receive(
+        [
+            good,  # duplicate
+            Message(Kind.GRADIENT, 0, 0, 0, 1, torch.ones(20, dtype=torch.float64)),  # same ids again
+            Message(Kind.GRADIENT, 0, 0, 1, 2, torch.ones(7, dtype=torch.float64)),  # wrong shape
+            Message(Kind.GRADIENT, 1, 1, 0, 1, torch.ones(20, dtype=torch.float64)),  # own origin
+            Message(
+                Kind.GRADIENT, 2, 0, 1, 2, torch.ones(20, dtype=torch.float64)
+            ),  # 0's gradients never come via 2
+        ]
+    )
     assert not torch.equal(before, after_one)
     assert torch.equal(w.params, after_one)
     assert w.rejected == {"duplicate": 2, "shape": 1, "own_message": 1, "wrong_route": 1}
@@ -166,7 +180,7 @@ def test_ledger_records_show_staleness_when_delivery_is_delayed():
     _, workers = quadratic_workers(n)
     ledger = StalenessLedger(n)
     t = 0.0
-    for k in range(10):
+    for _ in range(10):
         for r in range(n):
             g = workers[r].compute()
             t += 1.0

@@ -15,7 +15,15 @@ from typing import Any
 from dasgd.core.ledger import StalenessStats, compute_staleness
 from dasgd.experiments.spec import RunSpec, SpecError, resolve_spec
 
-__all__ = ["DecentralizedSGD", "RunSpec", "SpecError", "StalenessStats", "compute_staleness", "resolve_spec", "train"]
+__all__ = [
+    "DecentralizedSGD",
+    "RunSpec",
+    "SpecError",
+    "StalenessStats",
+    "compute_staleness",
+    "resolve_spec",
+    "train",
+]
 
 __version__ = "0.1.0"
 
@@ -33,8 +41,11 @@ def train(spec: RunSpec | dict[str, Any] | None = None, **overrides: Any) -> dic
 
     values = dataclasses.asdict(spec) if isinstance(spec, RunSpec) else dict(spec or {})
     resolved = resolve_spec(values, **overrides)
-    run_dir = Path(resolved.run_dir) if resolved.run_dir else (
-        Path("runs") / f"{resolved.task}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}")
+    run_dir = (
+        Path(resolved.run_dir)
+        if resolved.run_dir
+        else (Path("runs") / f"{resolved.task}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}")
+    )
     resolved = dataclasses.replace(resolved, run_dir=str(run_dir))
     return launch_local(resolved, run_dir)
 

@@ -181,7 +181,9 @@ def _train(args: argparse.Namespace) -> int:
         print(f"run directory: {run_dir}  (report: {run_dir / 'report.md'})")
     problems = []
     if summary.get("failed_workers"):
-        problems.append(f"worker(s) {', '.join(summary['failed_workers'])} died; the survivors finished without them")
+        problems.append(
+            f"worker(s) {', '.join(summary['failed_workers'])} died; the survivors finished without them"
+        )
     if summary.get("gradients_lost", 0):
         problems.append(f"{summary['gradients_lost']} gradients are missing from some replica")
     if not summary.get("replicas_agree", False):

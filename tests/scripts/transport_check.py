@@ -35,11 +35,11 @@ def main() -> None:
         flipped = bytearray(good[0])
         flipped[len(flipped) // 2] ^= 0x40
         bad = [
-            b"\x00" * 100,                              # garbage
-            good[1][:50],                               # truncated header
-            good[1][: len(good[1]) - 10],               # truncated payload
-            bytes(flipped),                             # corrupted payload
-            b"XXXX" + good[2][4:],                      # wrong magic
+            b"\x00" * 100,  # garbage
+            good[1][:50],  # truncated header
+            good[1][: len(good[1]) - 10],  # truncated payload
+            bytes(flipped),  # corrupted payload
+            b"XXXX" + good[2][4:],  # wrong magic
             encode(Message(Kind.GRADIENT, 5, 5, 0, 1, torch.ones(D))),  # unknown sender (world is 2)
         ]
         for b in bad:
@@ -61,8 +61,17 @@ def main() -> None:
         t._receiver.join(10)
         ids = sorted(i for m in got for i in range(m.lo, m.hi))
         total = float(sum(m.payload.sum().item() for m in got))
-        print(json.dumps({"ids": ids, "payload_sum": total, "rejected": dict(t.stats().rejected),
-                          "receiver_ended": not t._receiver.is_alive()}), flush=True)
+        print(
+            json.dumps(
+                {
+                    "ids": ids,
+                    "payload_sum": total,
+                    "rejected": dict(t.stats().rejected),
+                    "receiver_ended": not t._receiver.is_alive(),
+                }
+            ),
+            flush=True,
+        )
         dist.barrier(group=coll)
     os._exit(0)
 

@@ -282,6 +282,11 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
     need(spec.noise >= 0, "noise", "must be non-negative")
     need(spec.condition >= 1, "condition", "must be at least 1 (L/mu)")
     need(spec.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
+    need(
+        spec.device == "cpu",
+        "device",
+        "the NCCL transport for CUDA replicas is not built yet; use --device cpu (Gloo)",
+    )
     need(spec.drain_timeout > 0, "drain_timeout", "must be positive (seconds)")
     for rank, factor in spec.stragglers:
         need(

@@ -70,8 +70,6 @@ def run_process(
         task = build_task(spec)
         resolved = resolve(spec)
         worker = build_worker(spec, rank, task, resolved)
-        if spec.device == "cuda":
-            raise NotImplementedError("device=cuda: the NCCL transport is not available in this version")
         transport = TorchDistTransport(
             rank,
             spec.workers,

@@ -71,19 +71,33 @@ class DecentralizedSGD:
         key: shared secret for HMAC-signed messages, or None.
     """
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, topology: str | Topology = "complete",
-                 key: bytes | None = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        topology: str | Topology = "complete",
+        key: bytes | None = None,
+    ) -> None:
         self._lr = _plain_sgd_lr(optimizer)
         self.session = DistributedSession("gloo")
         n, rank = self.session.world_size, self.session.rank
-        topo = topology if isinstance(topology, Topology) else (
-            complete(n) if topology == "complete" else parse_topology(topology, n))
+        topo = (
+            topology
+            if isinstance(topology, Topology)
+            else (complete(n) if topology == "complete" else parse_topology(topology, n))
+        )
         # Identical x0 everywhere, as the algorithm requires: rank 0's initial parameters win.
         for p in model.parameters():
             dist.broadcast(p.data, src=0, group=self.session.collective_group)
         self.worker = Worker(rank, n, model, topo, DASGD(), self._lr)
-        self.transport = TorchDistTransport(rank, n, self.worker.params.numel(), self.worker.params.dtype,
-                                            group=self.session.p2p_group, key=key)
+        self.transport = TorchDistTransport(
+            rank,
+            n,
+            self.worker.params.numel(),
+            self.worker.params.dtype,
+            group=self.session.p2p_group,
+            key=key,
+        )
         self.clock = WallClock(self.session.shared_origin(time.time()))
         self.ledger = StalenessLedger(n)
         self.model = model
@@ -166,7 +180,7 @@ class DecentralizedSGD:
                 o.append(r[:, 0])
                 i.append(r[:, 1])
                 c.append(r[:, 2:])
-                e.append(arr[k * 8 * (n + 2):].view(np.float64))
+                e.append(arr[k * 8 * (n + 2) :].view(np.float64))
             st = compute_staleness(np.concatenate(o), np.concatenate(i), np.concatenate(e), np.concatenate(c))
             stats = torch.tensor([st.s_avg, st.s_max, st.loose_avg, st.loose_max], dtype=torch.float64)
         dist.broadcast(stats, src=0, group=g)
@@ -176,8 +190,18 @@ class DecentralizedSGD:
         scale = max(1.0, float(hi.abs().max())) if hi.numel() else 1.0
         tol = replica_tolerance(np.dtype(str(w.params.dtype).replace("torch.", "")), total)
         agree = lost == 0 and int(w.clock.sum()) == total and diff / scale <= tol
-        return FinishReport(w.computed, total, int(w.clock.sum()), lost, agree, diff,
-                            float(stats[0]), int(stats[1]), float(stats[2]), int(stats[3]))
+        return FinishReport(
+            w.computed,
+            total,
+            int(w.clock.sum()),
+            lost,
+            agree,
+            diff,
+            float(stats[0]),
+            int(stats[1]),
+            float(stats[2]),
+            int(stats[3]),
+        )
 
     def close(self) -> None:
         """Leave the process group if this object created it."""
@@ -200,8 +224,10 @@ def _plain_sgd_lr(optimizer: torch.optim.Optimizer) -> float:
     for group in optimizer.param_groups:
         for key, bad in (("momentum", 0), ("weight_decay", 0), ("nesterov", False), ("dampening", 0)):
             if group.get(key, bad) != bad:
-                raise ValueError(f"DecentralizedSGD needs plain SGD, but the optimizer sets {key}={group[key]}; "
-                                 f"remove it (momentum and weight decay make updates order-dependent)")
+                raise ValueError(
+                    f"DecentralizedSGD needs plain SGD, but the optimizer sets {key}={group[key]}; "
+                    f"remove it (momentum and weight decay make updates order-dependent)"
+                )
         lrs.add(float(group["lr"]))
     if len(lrs) != 1:
         raise ValueError(f"DecentralizedSGD needs one stepsize for all parameters, got {sorted(lrs)}")
