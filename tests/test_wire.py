@@ -26,6 +26,7 @@ from dasgd.core.wire import (
     WireError,
     WireUsageError,
     decode,
+    decode_detached,
     encode,
     encode_into,
     encoded_size,
@@ -543,3 +544,212 @@ def test_usage_errors_are_value_errors() -> None:
     with pytest.raises(WireUsageError):
         decode("not bytes", world_size=1)  # type: ignore[arg-type]
     assert not issubclass(WireUsageError, WireError)
+
+
+# ------------------------------------------------------------------------------------------ detached payloads
+# Flags bit 1: the header announces a payload that travels on a separate data plane (split-plane transport).
+# The oracle is the same independent reference encoder: flags=2 (| 1 when signed), the payload's dtype code and
+# numel, and no payload bytes.
+
+
+def _ref_detached(msg: Message, key: bytes | None) -> bytes:
+    dtype = msg.payload.dtype
+    return _reference_bytes(
+        kind=int(msg.kind),
+        sender=msg.sender,
+        origin=msg.origin,
+        lo=msg.lo,
+        hi=msg.hi,
+        code=CODES[dtype],
+        numel=msg.payload.numel(),
+        clock=None if msg.clock is None else [int(v) for v in msg.clock],
+        key=key,
+        flags=2 | (1 if key is not None else 0),
+    )
+
+
+@FAST
+@given(cases(kinds=[Kind.GRADIENT, Kind.MODEL], max_numel=40))
+def test_detached_round_trip(case: tuple) -> None:
+    msg, _, world, key = case
+    data = encode(msg, key, detached=True)
+    assert data == _ref_detached(msg, key)
+    n_clock = 0 if msg.clock is None else world
+    numel = msg.payload.numel()
+    want_len = 56 + 8 * n_clock + (32 if key is not None else 0)  # no payload bytes, whatever numel is
+    assert (
+        len(data)
+        == want_len
+        == encoded_size(numel, msg.payload.dtype, n_clock, key is not None, detached=True)
+    )
+    out = torch.full((want_len + 7,), 0xAB, dtype=torch.uint8)
+    assert encode_into(msg, out, key, detached=True) == want_len
+    assert bytes(out[:want_len].numpy()) == data and bytes(out[want_len:].numpy()) == b"\xab" * 7
+
+    got, detached, got_numel, got_dtype = decode_detached(data, world_size=world, key=key)
+    assert detached and got_numel == numel and got_dtype == msg.payload.dtype
+    _check_same(got, Message(msg.kind, msg.sender, msg.origin, msg.lo, msg.hi, None, msg.clock), b"")
+    # decode with allow_detached gives the same message, and the expectations apply to the declared payload
+    alt = decode(
+        data,
+        world_size=world,
+        key=key,
+        allow_detached=True,
+        expected_numel=numel,
+        expected_dtype=msg.payload.dtype,
+    )
+    assert alt.payload is None and (alt.lo, alt.hi, alt.sender) == (msg.lo, msg.hi, msg.sender)
+
+
+@FAST
+@given(cases(max_numel=8))
+def test_decode_detached_accepts_inline_messages_and_says_so(case: tuple) -> None:
+    msg, raw, world, key = case
+    res = decode_detached(encode(msg, key), world_size=world, key=key)
+    assert not res.detached
+    _check_same(res.message, msg, raw)
+    if msg.payload is None:
+        assert (res.numel, res.dtype) == (0, None)
+    else:
+        assert (res.numel, res.dtype) == (msg.payload.numel(), msg.payload.dtype)
+
+
+def test_detached_header_bytes_by_hand() -> None:
+    payload = torch.zeros(1000, dtype=torch.float64)
+    msg = Message(Kind.GRADIENT, 2, 1, 5, 9, payload, np.array([7, 0, 3]))
+    data = encode(msg, detached=True)
+    assert data[4:8] == bytes([1, 1, 2, 2])  # version, kind GRADIENT, dtype float64, flags: detached only
+    assert int.from_bytes(data[36:44], "little") == 1000  # numel says what the data plane carries
+    assert int.from_bytes(data[44:52], "little") == len(data) == 56 + 24
+    body = data[:52] + b"\0\0\0\0" + data[56:]
+    assert int.from_bytes(data[52:56], "little") == zlib.crc32(body)  # crc: header and clock, nothing else
+    signed = encode(msg, b"k", detached=True)
+    assert signed[7] == 3 and len(signed) == 80 + 32
+    assert signed[80:] == hmac.new(b"k", signed[:80], hashlib.sha256).digest()
+
+
+def test_detached_flag_is_refused_by_default() -> None:
+    msg = Message(Kind.GRADIENT, 0, 0, 0, 1, torch.ones(4))
+    data = encode(msg, detached=True)
+    assert _reason(data, world_size=1) == "bad_flags"
+    assert _reason(encode(msg, b"key", detached=True), world_size=1, key=b"key") == "bad_flags"
+    assert decode(data, world_size=1, allow_detached=True).payload is None
+    # unknown bits stay unknown even where the detached bit is allowed
+    for flags in (4, 6, 0x80):
+        data = _reference_bytes(kind=1, sender=0, origin=0, lo=0, hi=1, code=1, numel=4, flags=flags)
+        with pytest.raises(WireError) as info:
+            decode_detached(data, world_size=1)
+        assert info.value.reason == "bad_flags"
+
+
+def test_detached_crc_covers_header_and_clock_only() -> None:
+    msg = Message(Kind.MODEL, 1, 1, payload=torch.ones(3), clock=np.array([4, 5]))
+    data = encode(msg, detached=True)
+    assert len(data) == 56 + 16
+    expected_early = {0: "bad_magic", 1: "bad_magic", 2: "bad_magic", 3: "bad_magic", 4: "bad_version"}
+    for pos in range(len(data)):
+        bad = bytearray(data)
+        bad[pos] ^= 0x10
+        with pytest.raises(WireError) as info:
+            decode_detached(bytes(bad), world_size=2)
+        reason = info.value.reason
+        if pos in expected_early:
+            assert reason == expected_early[pos]
+        else:
+            # a flip of numel (36..43) changes no length: only the crc can catch it, and does
+            assert reason in ("bad_flags", "bad_dtype", "shape", "bad_length", "checksum"), (pos, reason)
+            if 36 <= pos < 44 or 8 <= pos < 32 or pos >= 52:
+                assert reason == "checksum", (pos, reason)
+    # bytes after total_length are not part of the message: a receive buffer may hold anything there
+    got = decode_detached(data + b"\xff" * 100, world_size=2)
+    assert got.detached and got.numel == 3 and got.message.clock.tolist() == [4, 5]
+
+
+def test_detached_authentication() -> None:
+    msg = Message(Kind.GRADIENT, 0, 1, 2, 3, torch.ones(6, dtype=torch.float16))
+    signed = encode(msg, b"alpha", detached=True)
+    assert decode_detached(signed, world_size=2, key=b"alpha").numel == 6
+    with pytest.raises(WireError, match="auth"):
+        decode_detached(signed, world_size=2, key=b"beta")
+    # a forger without the key changes numel and fixes the crc: the HMAC still catches it
+    forged = _reference_bytes(kind=1, sender=0, origin=1, lo=2, hi=3, code=3, numel=7, flags=3, key=b"guess")
+    with pytest.raises(WireError) as info:
+        decode_detached(forged, world_size=2, key=b"alpha")
+    assert info.value.reason == "auth"
+
+
+def test_detached_rules() -> None:
+    grad = Message(Kind.GRADIENT, 0, 0, 0, 1, torch.zeros(5, dtype=torch.float16))
+    data = encode(grad, detached=True)
+    for kw, reason in (({"expected_numel": 6}, "shape"), ({"expected_dtype": torch.float32}, "bad_dtype")):
+        with pytest.raises(WireError) as info:
+            decode_detached(data, world_size=1, **kw)
+        assert info.value.reason == reason
+    # a huge declared numel allocates nothing: it is only reported, for the caller to refuse
+    huge = _reference_bytes(kind=1, sender=0, origin=0, lo=0, hi=1, code=2, numel=2**60, flags=2)
+    assert decode_detached(huge, world_size=1).numel == 2**60
+    # the detached bit on a message that has no payload, with or without a dtype code
+    stop = _reference_bytes(kind=3, sender=0, origin=0, flags=2)
+    no_code = _reference_bytes(kind=1, sender=0, origin=0, lo=0, hi=1, flags=2)
+    ctrl_code = _reference_bytes(kind=3, sender=0, origin=0, code=1, numel=2, flags=2)
+    for bad in (stop, no_code, ctrl_code):
+        with pytest.raises(WireError) as info:
+            decode_detached(bad, world_size=1)
+        assert info.value.reason == "shape"
+    # a detached header that counts payload bytes in its length is a length error
+    long = _reference_bytes(kind=1, sender=0, origin=0, lo=0, hi=1, code=1, numel=2, flags=2, total_length=64)
+    with pytest.raises(WireError) as info:
+        decode_detached(long + b"\0" * 8, world_size=1)
+    assert info.value.reason == "bad_length"
+    # the encoder refuses to detach nothing
+    with pytest.raises(WireUsageError):
+        encode(Message(Kind.FINAL, 0, 0, 3, 3), detached=True)
+    with pytest.raises(WireUsageError):
+        encode_into(Message(Kind.STOP, 0, 0), torch.zeros(100, dtype=torch.uint8), detached=True)
+
+
+def test_detached_encode_does_not_touch_payload_values() -> None:
+    """Only numel and dtype are read: a non-contiguous payload is not gathered, and its values do not matter."""
+    base = torch.arange(30, dtype=torch.float32).reshape(5, 6).t()  # non-contiguous
+    a = encode(Message(Kind.GRADIENT, 0, 0, 0, 1, base), detached=True)
+    b = encode(Message(Kind.GRADIENT, 0, 0, 0, 1, torch.full((30,), -1.0)), detached=True)
+    assert a == b and int.from_bytes(a[36:44], "little") == 30
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.integers(0, 255),
+    st.integers(0, 7),
+    st.integers(0, 3),
+    st.integers(0, 5),
+    st.integers(0, 4),
+    st.integers(0, 2**64 - 1) | st.integers(0, 8),
+    st.binary(max_size=40),
+)
+def test_random_detached_headers_never_crash(
+    kind: int, code: int, flags: int, sender: int, n_clock: int, numel: int, rest: bytes
+) -> None:
+    signed = bool(flags & 1)
+    body_len = 56 + 8 * n_clock
+    tail = ((rest or b"\x01") * (body_len + 1))[: body_len - 56]
+    data = _reference_bytes(
+        kind=kind,
+        sender=sender,
+        origin=0,
+        lo=0,
+        hi=1,
+        code=code,
+        payload_bytes=tail,
+        numel=numel,
+        flags=flags | 2,
+        n_clock=n_clock,
+        total_length=body_len + (32 if signed else 0),
+        key=b"x" if signed else None,
+    )
+    try:
+        res = decode_detached(data, world_size=4)
+    except WireError as err:
+        assert err.reason in REJECT_REASONS
+    else:
+        assert res.detached and res.message.payload is None and res.dtype is not None
+        assert res.numel == numel and res.message.kind in (Kind.GRADIENT, Kind.MODEL)

@@ -12,18 +12,20 @@ Layout (version 1, every integer little-endian, no padding)::
          4     1  version       u8, = WIRE_VERSION (1)
          5     1  kind          u8, a dasgd.core.message.Kind value
          6     1  dtype         u8, payload element type (table below)
-         7     1  flags         u8, bit 0: a 32-byte HMAC-SHA256 tag ends the message; other bits must be 0
+         7     1  flags         u8, bit 0: a 32-byte HMAC-SHA256 tag ends the message;
+                                bit 1: detached payload (see below); other bits must be 0
          8     4  sender        u32, the worker that put the message on the link
         12     4  origin        u32, the worker that computed the gradients / issued the signal
         16     8  lo            u64, first gradient id held (inclusive)
         24     8  hi            u64, last gradient id held (exclusive); FINAL: the origin's total count
         32     4  n_clock       u32, number of vector clock entries: 0 (no clock) or world_size
-        36     8  numel         u64, number of payload elements
-        44     8  total_length  u64, length of the whole message in bytes, tag included
+        36     8  numel         u64, number of payload elements (inline, or on the data plane if detached)
+        44     8  total_length  u64, length of the whole message in bytes, tag included (a detached
+                                payload's bytes are not part of the message and not counted)
         52     4  crc32         u32, zlib.crc32 of every byte except the tag, this field taken as zero
         56        (HEADER_SIZE)
         56  8*n_clock           the sender's vector clock, int64 each
-         .  numel*itemsize      the payload: raw tensor bytes in C order
+         .  numel*itemsize      the payload: raw tensor bytes in C order; absent if flags bit 1
          .  32 if flags bit 0   HMAC-SHA256(key, every byte before the tag)
 
 Payload dtype codes: 0 = no payload, 1 = float32, 2 = float64, 3 = float16, 4 = bfloat16, 5 = uint8
@@ -32,9 +34,20 @@ The clock starts at offset 56 and the payload at ``56 + 8 * n_clock``: both are 
 receive buffer can be viewed as typed arrays without realignment. Payload bytes are the host's native
 order, which is little-endian on every platform PyTorch supports.
 
+Detached payloads (flags bit 1). A transport with a separate data plane (dasgd.transport.splitplane: the
+payload tensor travels by itself, e.g. over NCCL) sends only the header and clock here: dtype and numel
+describe the payload that follows on the data plane, no payload bytes are in the message, total_length is
+``56 + 8 * n_clock`` (+ 32 for a tag), and the crc and the HMAC cover the header and the clock only. Payload
+integrity is then the data plane's business. Only GRADIENT and MODEL messages (the kinds with a payload) can
+be detached. :func:`decode` refuses the flag (``bad_flags``) unless called with ``allow_detached=True``, so
+a receiver that expects inline payloads never mistakes a header for a whole message; :func:`decode_detached`
+accepts both forms and says which one it got. A detached header never makes decode allocate anything: numel
+is only reported, and the caller checks it before posting a data-plane receive.
+
 Decoding checks, in this order (the first failure is the reason): length >= HEADER_SIZE (``truncated``),
-magic (``bad_magic``), version (``bad_version``), flags (``bad_flags``), dtype code (``bad_dtype``),
-no-payload code with elements (``shape``), total_length equal to the length the header implies
+magic (``bad_magic``), version (``bad_version``), flags (``bad_flags``: unknown bits, or the detached bit
+where it is not allowed), dtype code (``bad_dtype``), no-payload code with elements or with the detached bit
+(``shape``), total_length equal to the length the header implies
 (``bad_length``), total_length within the buffer (``truncated``), crc (``checksum``), authentication
 (``auth``), kind (``bad_kind``), sender and origin below world_size (``unknown_sender``), id range
 (``bad_range``), payload presence for the kind (``shape``), expected element count (``shape``), expected
@@ -51,6 +64,7 @@ import struct
 import zlib
 from collections.abc import Mapping
 from types import MappingProxyType
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -59,6 +73,7 @@ from dasgd.core.message import Kind, Message
 
 __all__ = [
     "DTYPE_CODES",
+    "Decoded",
     "HEADER_SIZE",
     "REJECT_REASONS",
     "TAG_SIZE",
@@ -66,6 +81,7 @@ __all__ = [
     "WireError",
     "WireUsageError",
     "decode",
+    "decode_detached",
     "encode",
     "encode_into",
     "encoded_size",
@@ -84,7 +100,8 @@ TAG_SIZE: int = 32
 """Size in bytes of the HMAC-SHA256 tag."""
 
 _FLAG_SIGNED = 0x01
-_KNOWN_FLAGS = _FLAG_SIGNED
+_FLAG_DETACHED = 0x02
+_KNOWN_FLAGS = _FLAG_SIGNED | _FLAG_DETACHED
 _CRC_OFFSET = HEADER_SIZE - 4
 _CLOCK_ITEMSIZE = 8
 _U32_MAX = 2**32 - 1
@@ -123,8 +140,28 @@ _CODE_DTYPES: Mapping[int, torch.dtype] = MappingProxyType({code: dt for dt, cod
 _VALID_KINDS = frozenset(int(k) for k in Kind)
 _PAYLOAD_KINDS = frozenset((Kind.GRADIENT, Kind.MODEL))
 
-# A validated message: (kind, sender, origin, lo, hi, flat payload, little-endian int64 clock).
+# A validated message: (kind, sender, origin, lo, hi, flat payload, little-endian int64 clock). For a detached
+# payload the tensor is the caller's own, unflattened: only its numel and dtype are used.
 _Fields = tuple[int, int, int, int, int, torch.Tensor | None, np.ndarray | None]
+
+
+class Decoded(NamedTuple):
+    """What :func:`decode_detached` returns.
+
+    Attributes:
+        message: the message. For a detached payload its ``payload`` is None: the payload travels on the
+            data plane and the caller puts it in (``dataclasses.replace(message, payload=tensor)``).
+        detached: the header announced a detached payload (flags bit 1).
+        numel: payload elements: the declared count of a detached payload, or the inline payload's count
+            (0 when the message has no payload).
+        dtype: payload dtype (declared or inline), or None when the message has no payload. A detached
+            header always has a dtype, so ``detached`` implies ``dtype is not None``.
+    """
+
+    message: Message
+    detached: bool
+    numel: int
+    dtype: torch.dtype | None
 
 
 class WireError(ValueError):
@@ -166,7 +203,9 @@ _ITEMSIZE_BY_CODE: Mapping[int, int] = MappingProxyType(
 )
 
 
-def encoded_size(numel: int, dtype: torch.dtype | None, n_clock: int, signed: bool) -> int:
+def encoded_size(
+    numel: int, dtype: torch.dtype | None, n_clock: int, signed: bool, *, detached: bool = False
+) -> int:
     """Length in bytes of an encoded message.
 
     Args:
@@ -174,6 +213,7 @@ def encoded_size(numel: int, dtype: torch.dtype | None, n_clock: int, signed: bo
         dtype: payload dtype, or None for no payload.
         n_clock: vector clock entries (0 for no clock).
         signed: whether an HMAC tag is appended (a key is used).
+        detached: the payload travels on a data plane (flags bit 1): its bytes are not counted.
 
     Raises:
         WireUsageError: negative counts, an unsupported dtype, or elements with ``dtype=None``.
@@ -184,7 +224,10 @@ def encoded_size(numel: int, dtype: torch.dtype | None, n_clock: int, signed: bo
         raise WireUsageError(f"numel ({numel}) and n_clock ({n_clock}) must be >= 0")
     if dtype is None and numel != 0:
         raise WireUsageError(f"numel is {numel} but dtype is None; pass the payload dtype")
-    return HEADER_SIZE + _CLOCK_ITEMSIZE * n_clock + numel * _itemsize(dtype) + (TAG_SIZE if signed else 0)
+    payload_bytes = numel * _itemsize(dtype)
+    if detached:
+        payload_bytes = 0
+    return HEADER_SIZE + _CLOCK_ITEMSIZE * n_clock + payload_bytes + (TAG_SIZE if signed else 0)
 
 
 # --------------------------------------------------------------------------------------------- encode
@@ -210,9 +253,10 @@ def _uint(value: object, name: str, bound: int) -> int:
     return out
 
 
-def _checked_fields(msg: Message) -> _Fields:
+def _checked_fields(msg: Message, detached: bool = False) -> _Fields:
     """Validate ``msg`` against the rules decode enforces, so a sender finds its bug before every
-    receiver silently drops the message. Returns (kind, sender, origin, lo, hi, flat payload, clock)."""
+    receiver silently drops the message. Returns (kind, sender, origin, lo, hi, flat payload, clock);
+    with ``detached`` the payload is returned as given (only its numel and dtype go into the header)."""
     try:
         kind = Kind(msg.kind)
     except ValueError:
@@ -236,12 +280,19 @@ def _checked_fields(msg: Message) -> _Fields:
             raise WireUsageError(f"{kind.name} needs a payload tensor, got None")
     elif payload is not None:
         raise WireUsageError(f"{kind.name} is a control message and must have payload=None")
+    if detached and payload is None:
+        raise WireUsageError(
+            f"{kind.name} has no payload to detach; encode it with detached=False (only GRADIENT and "
+            "MODEL payloads travel on a data plane)"
+        )
     if payload is not None:
         if not isinstance(payload, torch.Tensor):
             raise WireUsageError(f"payload must be a torch.Tensor, got {type(payload).__name__}")
         _itemsize(payload.dtype)  # raises for unsupported dtypes
-        # C-order flatten; a view whenever possible, so the one real copy is the one into the buffer.
-        payload = payload.detach().reshape(-1)
+        if not detached:
+            # C-order flatten; a view whenever possible, so the one real copy is the one into the buffer.
+            # Not for a detached payload: it may live on a GPU, and the header needs only numel and dtype.
+            payload = payload.detach().reshape(-1)
 
     clock = msg.clock
     if clock is not None:
@@ -267,22 +318,24 @@ def _out_view(out: torch.Tensor) -> np.ndarray:
     return out.numpy()
 
 
-def _size_of(fields: _Fields, key: bytes | None) -> int:
+def _size_of(fields: _Fields, key: bytes | None, detached: bool = False) -> int:
     payload, clock = fields[5], fields[6]
     numel = 0 if payload is None else payload.numel()
     dtype = None if payload is None else payload.dtype
     n_clock = 0 if clock is None else int(clock.size)
-    return encoded_size(numel, dtype, n_clock, key is not None)
+    return encoded_size(numel, dtype, n_clock, key is not None, detached=detached)
 
 
-def _write(fields: _Fields, out: torch.Tensor, buf: np.ndarray, key: bytes | None) -> int:
+def _write(
+    fields: _Fields, out: torch.Tensor, buf: np.ndarray, key: bytes | None, detached: bool = False
+) -> int:
     """Write already validated ``fields`` into ``out`` (``buf`` is its numpy view, large enough)."""
     kind, sender, origin, lo, hi, payload, clock = fields
-    total = _size_of(fields, key)
+    total = _size_of(fields, key, detached)
     n_clock = 0 if clock is None else int(clock.size)
     code = 0 if payload is None else DTYPE_CODES[payload.dtype]
     numel = 0 if payload is None else payload.numel()
-    flags = _FLAG_SIGNED if key is not None else 0
+    flags = (_FLAG_SIGNED if key is not None else 0) | (_FLAG_DETACHED if detached else 0)
     _HEADER.pack_into(
         buf, 0, MAGIC, WIRE_VERSION, kind, code, flags, sender, origin, lo, hi, n_clock, numel, total, 0
     )
@@ -290,7 +343,7 @@ def _write(fields: _Fields, out: torch.Tensor, buf: np.ndarray, key: bytes | Non
     if clock is not None and n_clock:
         buf[pos : pos + _CLOCK_ITEMSIZE * n_clock].view("<i8")[:] = clock
         pos += _CLOCK_ITEMSIZE * n_clock
-    if payload is not None and numel:
+    if payload is not None and numel and not detached:
         nbytes = numel * _ITEMSIZE_BY_CODE[code]
         dst = out[pos : pos + nbytes]
         if payload.device.type == "cpu" and payload.is_contiguous():
@@ -312,7 +365,7 @@ def _write(fields: _Fields, out: torch.Tensor, buf: np.ndarray, key: bytes | Non
     return pos
 
 
-def encode_into(msg: Message, out: torch.Tensor, key: bytes | None = None) -> int:
+def encode_into(msg: Message, out: torch.Tensor, key: bytes | None = None, *, detached: bool = False) -> int:
     """Encode ``msg`` into the start of ``out`` and return the encoded length.
 
     This is the transport's hot path: the header is packed in place, the clock is written through a
@@ -324,29 +377,34 @@ def encode_into(msg: Message, out: torch.Tensor, key: bytes | None = None) -> in
             copied to the CPU.
         out: a contiguous 1-D ``torch.uint8`` CPU tensor with at least :func:`encoded_size` elements.
         key: shared secret; when given, an HMAC-SHA256 tag is appended and flags bit 0 is set.
+        detached: write only the header and clock, with flags bit 1 set: numel and dtype describe
+            ``msg.payload``, which the caller sends on its data plane. The payload is not read (so it may
+            stay on its device) and must exist (GRADIENT or MODEL). The crc and tag cover header and clock.
 
     Raises:
         WireUsageError: (a ValueError) ``out`` is too small or not a uint8 CPU vector, the key is empty,
-            or ``msg`` breaks the format's rules (the same rules :func:`decode` enforces).
+            or ``msg`` breaks the format's rules (the same rules :func:`decode` enforces), or
+            ``detached`` is set for a message without a payload.
     """
     _check_key(key)
     buf = _out_view(out)
-    fields = _checked_fields(msg)
-    total = _size_of(fields, key)
+    fields = _checked_fields(msg, detached)
+    total = _size_of(fields, key, detached)
     if buf.size < total:
         raise WireUsageError(
             f"out holds {buf.size} bytes but the message needs {total}; size it with encoded_size()"
         )
-    return _write(fields, out, buf, key)
+    return _write(fields, out, buf, key, detached)
 
 
-def encode(msg: Message, key: bytes | None = None) -> bytes:
-    """Encode ``msg`` to a fresh ``bytes`` object (see :func:`encode_into` for the rules and errors)."""
+def encode(msg: Message, key: bytes | None = None, *, detached: bool = False) -> bytes:
+    """Encode ``msg`` to a fresh ``bytes`` object (see :func:`encode_into` for the rules, ``detached`` and
+    the errors)."""
     _check_key(key)
-    fields = _checked_fields(msg)
-    scratch = bytearray(_size_of(fields, key))
+    fields = _checked_fields(msg, detached)
+    scratch = bytearray(_size_of(fields, key, detached))
     out = torch.frombuffer(scratch, dtype=torch.uint8)
-    n = _write(fields, out, out.numpy(), key)
+    n = _write(fields, out, out.numpy(), key, detached)
     if n != len(scratch):  # encoded_size and _write disagree: a bug here, never the caller's
         raise RuntimeError(f"wire encoder wrote {n} bytes, expected {len(scratch)}")
     return bytes(scratch)
@@ -384,6 +442,7 @@ def decode(
     expected_numel: int | None = None,
     expected_dtype: torch.dtype | None = None,
     key: bytes | None = None,
+    allow_detached: bool = False,
 ) -> Message:
     """Decode one message from the start of ``buf``, rejecting anything malformed.
 
@@ -397,6 +456,10 @@ def decode(
         expected_dtype: when given, a payload must have this dtype (control messages are unaffected).
         key: shared secret; when given, the message must carry a valid HMAC tag. Without a key a tag, if
             present, is ignored.
+        allow_detached: accept a header whose payload is detached (flags bit 1); its message comes back
+            with ``payload=None``, and ``expected_numel``/``expected_dtype`` apply to the declared
+            payload. Use :func:`decode_detached` to learn the declared numel and dtype. When False (the
+            default) such a header is rejected with ``bad_flags``.
 
     Returns:
         The message. Its payload is a fresh 1-D CPU tensor that owns its memory (never a view of
@@ -406,6 +469,39 @@ def decode(
         WireError: the bytes are rejected; ``reason`` says why (see the module docstring for the order).
         WireUsageError: the arguments themselves are wrong (not a byte buffer, empty key, bad world_size).
     """
+    return _decode(buf, world_size, expected_numel, expected_dtype, key, allow_detached).message
+
+
+def decode_detached(
+    buf: bytes | bytearray | memoryview,
+    *,
+    world_size: int,
+    expected_numel: int | None = None,
+    expected_dtype: torch.dtype | None = None,
+    key: bytes | None = None,
+) -> Decoded:
+    """Decode one message that may announce a detached payload (flags bit 1), and say which it is.
+
+    Same checks, arguments and errors as :func:`decode` with ``allow_detached=True``; a message with an
+    inline payload (or none) is accepted too. For a detached header nothing is allocated from the
+    declared numel: the caller checks :attr:`Decoded.numel` and :attr:`Decoded.dtype` (or passes
+    ``expected_numel``/``expected_dtype``) before posting a data-plane receive of that size.
+
+    Returns:
+        A :class:`Decoded`: the message (``payload=None`` when detached), whether the payload is
+        detached, and the payload's element count and dtype.
+    """
+    return _decode(buf, world_size, expected_numel, expected_dtype, key, True)
+
+
+def _decode(
+    buf: bytes | bytearray | memoryview,
+    world_size: int,
+    expected_numel: int | None,
+    expected_dtype: torch.dtype | None,
+    key: bytes | None,
+    allow_detached: bool,
+) -> Decoded:
     _check_key(key)
     world_size = operator.index(world_size)
     if world_size < 1:
@@ -429,13 +525,23 @@ def decode(
         )
     if flags & ~_KNOWN_FLAGS:
         raise WireError("bad_flags", f"unknown flag bits {flags:#04x}")
+    detached = bool(flags & _FLAG_DETACHED)
+    if detached and not allow_detached:
+        raise WireError(
+            "bad_flags",
+            "detached payload (flags bit 1) but whole messages are expected here; decode split-plane "
+            "headers with allow_detached=True or decode_detached()",
+        )
     itemsize = _ITEMSIZE_BY_CODE.get(code)
     if itemsize is None:
         raise WireError("bad_dtype", f"unknown payload dtype code {code}")
     if code == 0 and numel != 0:
         raise WireError("shape", f"no-payload dtype code with numel={numel}")
+    if code == 0 and detached:
+        raise WireError("shape", "detached payload announced with the no-payload dtype code")
     signed = bool(flags & _FLAG_SIGNED)
-    body_len = HEADER_SIZE + _CLOCK_ITEMSIZE * n_clock + numel * itemsize
+    # A detached payload's bytes are elsewhere: the message ends after the clock (and tag).
+    body_len = HEADER_SIZE + _CLOCK_ITEMSIZE * n_clock + (0 if detached else numel * itemsize)
     implied = body_len + (TAG_SIZE if signed else 0)
     # Checked before the buffer length so that a corrupt size field is named as such; both checks come
     # before any allocation, so no header value can make decode allocate more than the bytes received.
@@ -491,10 +597,10 @@ def decode(
             raise WireError("bad_clock", "negative vector clock entry")
 
     payload = None
-    if dtype is not None:
+    if dtype is not None and not detached:
         payload = torch.empty(numel, dtype=dtype)
         if numel:
             start = HEADER_SIZE + _CLOCK_ITEMSIZE * n_clock
             src = np.frombuffer(view, dtype=np.uint8, count=numel * itemsize, offset=start)
             np.copyto(payload.view(torch.uint8).numpy(), src)
-    return Message(kind_e, sender, origin, lo, hi, payload, clock)
+    return Decoded(Message(kind_e, sender, origin, lo, hi, payload, clock), detached, numel, dtype)

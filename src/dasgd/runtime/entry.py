@@ -142,8 +142,10 @@ def run_process(
             summary = summarize(spec, shards, task.describe(), resolved.batch_size, resolved.lr)
             write_run_outputs(run_dir, spec, shards, summary)
         # Everyone has drained and gathered: nothing is in flight any more, so the receivers can be released.
-        transport.shutdown()
+        # Each rank must expect the SHUTDOWN before any peer sends one (else it is refused as early).
+        transport.expect_shutdown()
         session.barrier()
+        transport.shutdown()
         session.close()
         return summary
     except BaseException:

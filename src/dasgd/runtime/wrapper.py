@@ -146,8 +146,9 @@ class DecentralizedSGD:
             send_all(self.transport, w.receive(self.transport.poll()))
         self.transport.flush(max(0.0, deadline - time.monotonic()))
         report = self._compare()
-        self.transport.shutdown()
+        self.transport.expect_shutdown()  # before any peer's SHUTDOWN can arrive (barrier below)
         self.session.barrier()
+        self.transport.shutdown()
         return report
 
     def _compare(self) -> FinishReport:

@@ -1,0 +1,496 @@
+"""Split-plane transport: headers over a Gloo control group, payload tensors over a data group (NCCL on GPUs).
+
+Why two planes: GPU replicas should exchange gradients GPU to GPU over NCCL, without a copy to the host.
+NCCL point-to-point, however, cannot receive from "any source" (there is no ``irecv(src=None)``), so a
+receiver could not know whom to listen to next. The split:
+
+- **Control plane** (a Gloo group, exactly as :class:`~dasgd.transport.torchdist.TorchDistTransport`): every
+  message goes as a wire-encoded header (kind, sender, origin, id range, clock, dtype, numel, crc, optional
+  HMAC). One sender thread per peer, fed by a :class:`CoalescingQueue`, and one receiver thread that keeps
+  an ``irecv(src=None)`` posted, validates the untrusted bytes and handles SHUTDOWN the same way. A message
+  with a payload (GRADIENT, MODEL) is encoded with the *detached* flag (:mod:`dasgd.core.wire`, flags bit 1):
+  numel and dtype announce the payload, whose bytes are not in the header.
+- **Data plane**: right after a header's send completes, the same sender thread sends the payload tensor
+  itself (``isend``) to the same peer on a data group; the receiver thread, having decoded the header,
+  knows the source, element count and dtype, and posts the matching ``irecv`` into a fresh buffer on the
+  data device. Per pair both planes are FIFO and each pair's data operations are issued by one thread on
+  each side, so the k-th payload received from a peer belongs to the k-th detached header from that peer.
+  For CUDA tensors the data groups are NCCL; for CPU tensors Gloo (how the tests run this code on a CPU).
+
+Two data groups, ``up`` (lower rank -> higher rank) and ``down`` (higher -> lower), made by
+:func:`make_data_groups`: ProcessGroupNCCL runs all point-to-point traffic of a pair on one communicator and
+one stream, and NCCL sends are rendezvous operations, so if both ranks of a pair sent at once on the same
+communicator each send would wait for a receive queued behind the other's send: a deadlock. With one group
+per direction, a pair's communicator in ``up`` only ever carries a -> b and the one in ``down`` only b -> a.
+What remains is NCCL's general caveat for several communicators in use at once: a rank may run a send kernel
+(one communicator) while it has a receive pending on another, so the GPU must be able to run the two kernels
+side by side; every transfer here is posted only once its counterpart is imminent, which keeps that short.
+
+Untrusted headers: a detached header must announce exactly the constructor's ``numel`` and ``dtype``;
+otherwise it is rejected and counted (``shape`` / ``bad_dtype``) and NO data receive is posted for it (that
+is what keeps a hostile header from making us allocate or wait). The pair's data plane is then out of step
+(a payload the peer may have sent for that header would be taken for the next header's), so the claimed
+sender is *unsynced* from then on: its later detached headers are rejected (``unsynced_peer``) without a
+receive, while its control messages still count. A well-behaved peer never produces such a header (``send``
+checks numel, dtype and device first), so only a buggy or hostile peer loses its own data this way; without a
+key, though, headers are unauthenticated and anyone can claim any sender, exactly as on the Gloo transport.
+A peer that sends a valid header and then never the payload stalls this receiver until the data group's
+timeout (Gloo raises, counted as ``data_receive_error``; NCCL's watchdog aborts the process): use a key.
+
+Rejection reasons beyond :data:`dasgd.core.wire.REJECT_REASONS`: ``receive_error`` (the control receive
+failed, e.g. an oversized message), ``early_shutdown`` (SHUTDOWN before :meth:`expect_shutdown`),
+``inline_payload`` (a payload inside the header: split-plane peers always detach), ``unsynced_peer`` (see
+above) and ``data_receive_error`` (the data receive failed; the sender becomes unsynced).
+
+Authentication: with a key, the HMAC covers the header and clock only. Checking GPU payload bytes would need
+a device-to-host copy of every gradient; payload integrity is left to the data fabric (NCCL/Gloo over a
+trusted network), and the header's HMAC still stops forged senders, id ranges, clocks and sizes.
+
+CUDA stream discipline (see the comments at each use; none of it runs for CPU tensors):
+- ``send`` records a CUDA event on the caller's current stream after queuing the payload (the queue may
+  have added it into a pending one there), and the sender thread makes its own side stream wait for those
+  events before ``isend``: NCCL orders its stream after the *calling thread's* current stream only.
+- Each transport thread issues its NCCL work from a private side stream, never the default one: NCCL's
+  ``work.wait()`` makes the current stream wait for the transfer, and if the training stream waited on a
+  receive while the peer's send waited on *its* training stream, which waited on a receive from us, the GPUs
+  would deadlock. After ``work.wait()`` the thread synchronises its side stream, so a sent payload stays
+  alive (referenced) until the transfer is done and a received one is complete before the inbox sees it.
+- A received tensor is marked (``record_stream``) as used by the *consumer stream* (the stream current when
+  the transport was built, normally the device's default stream), and the inbox's coalescing ``add_`` runs
+  on that stream, so a training loop on the consumer stream sees finished values and the caching allocator
+  does not hand the memory out again while the consumer still reads it. A loop that works on another stream
+  must synchronise with the consumer stream before reading polled payloads.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import threading
+from collections.abc import Iterator, Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from dasgd.core.message import Kind, Message
+from dasgd.core.wire import WireError, decode_detached, encode_into, encoded_size
+from dasgd.transport.base import TransportStats
+from dasgd.transport.queue import CoalescingQueue
+
+__all__ = ["SplitPlaneTransport", "SplitPlaneUsageError", "make_data_groups"]
+
+_TAG = 7  # one tag on every group; per-pair order on a tag is what pairs headers with payloads (Gloo)
+
+
+class SplitPlaneUsageError(ValueError):
+    """The transport was built or called wrongly (a bug on this side, not bad bytes from a peer)."""
+
+
+def make_data_groups(
+    backend: str,
+    ranks: Sequence[int] | None = None,
+    timeout: timedelta | None = None,
+) -> tuple[dist.ProcessGroup, dist.ProcessGroup]:
+    """Create the two data-plane groups ``(up, down)``: up carries lower -> higher rank, down the reverse.
+
+    Like every ``torch.distributed.new_group``, every process of the default group must call this at the
+    same point, in the same order relative to its other ``new_group`` calls, with the same arguments.
+
+    Args:
+        backend: ``"nccl"`` for CUDA payloads, ``"gloo"`` for CPU payloads.
+        ranks: members (default: every process). Must be the control group's members, in the same order,
+            so that a rank means the same process on the three groups.
+        timeout: the groups' operation timeout (default: torch's). Data operations are posted only once
+            their header arrived, so they never wait long unless a peer dies mid-message.
+
+    Returns:
+        ``(up, down)``, two distinct groups over the same ranks.
+    """
+    if backend not in ("nccl", "gloo"):
+        raise SplitPlaneUsageError(
+            f"data-plane backend {backend!r} is not supported; use 'nccl' (CUDA tensors) or 'gloo' (CPU)"
+        )
+    members = None if ranks is None else list(ranks)
+    # Two separate new_group calls give two ProcessGroup objects, hence two NCCL communicators per pair.
+    up = dist.new_group(ranks=members, backend=backend, timeout=timeout)
+    down = dist.new_group(ranks=members, backend=backend, timeout=timeout)
+    return up, down
+
+
+class _Outbox:
+    """One peer's queue plus the CUDA events that say when queued payloads are ready on their streams."""
+
+    __slots__ = ("box", "lock", "ready")
+
+    def __init__(self) -> None:
+        self.box = CoalescingQueue()
+        # Held around "put + record the event" in send() and while the sender thread reads the events, so
+        # a message the sender took is covered by an event recorded after its last change (see _send_loop).
+        self.lock = threading.Lock()
+        # Latest event per CUDA stream that queued work for this peer. Work on one stream is ordered, so
+        # the latest event of a stream covers everything earlier on it; one entry per stream bounds this.
+        self.ready: dict[torch.cuda.Stream, torch.cuda.Event] = {}
+
+
+def _normalise_device(device: torch.device | str) -> torch.device:
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        # CUDA-only: "cuda" means the current device; tensors report an explicit index, so pin it here.
+        dev = torch.device("cuda", torch.cuda.current_device())
+    if dev.type not in ("cpu", "cuda"):
+        raise SplitPlaneUsageError(f"data device {dev} is not supported; use 'cpu' (Gloo) or 'cuda:N' (NCCL)")
+    return dev
+
+
+class SplitPlaneTransport:
+    """A Transport endpoint whose headers travel on a Gloo control group and payloads on data groups.
+
+    Implements the :class:`dasgd.transport.base.Transport` protocol, plus :meth:`expect_shutdown` and
+    :meth:`shutdown` with the same end-of-run semantics as ``TorchDistTransport``. The module docstring
+    explains the design, the NCCL constraints it follows and what a hostile header can and cannot do.
+
+    Args:
+        rank: this process's rank in the three groups.
+        world_size: ranks in each group.
+        numel: elements of every payload (the replica's parameter count).
+        dtype: payload dtype.
+        device: the data device; every payload given to :meth:`send` must be on it, and received payloads
+            are allocated there. ``cuda`` devices need NCCL data groups, ``cpu`` Gloo ones.
+        control_group: Gloo group for the headers (None: the default group). Run no collectives on it
+            while the transport is open.
+        up_group: data group for traffic from lower to higher rank (from :func:`make_data_groups`).
+        down_group: data group for traffic from higher to lower rank.
+        key: shared secret; when set, every header carries an HMAC-SHA256 tag (header and clock only, not
+            the payload) and untagged headers are refused.
+        send_clock: messages carry the sender's vector clock.
+
+    Raises:
+        SplitPlaneUsageError: inconsistent ranks or groups, an unsupported device, or ``up_group`` and
+            ``down_group`` being the same group.
+    """
+
+    def __init__(
+        self,
+        rank: int,
+        world_size: int,
+        numel: int,
+        dtype: torch.dtype,
+        device: torch.device | str,
+        control_group: dist.ProcessGroup | None,
+        up_group: dist.ProcessGroup,
+        down_group: dist.ProcessGroup,
+        key: bytes | None = None,
+        send_clock: bool = True,
+    ) -> None:
+        if not 0 <= rank < world_size:
+            raise SplitPlaneUsageError(f"rank {rank} is outside a world of {world_size} workers")
+        if numel < 0:
+            raise SplitPlaneUsageError(f"numel must be >= 0, got {numel}")
+        if up_group is None or down_group is None or up_group is down_group:
+            raise SplitPlaneUsageError(
+                "up_group and down_group must be two distinct groups (one per direction); "
+                "create them with make_data_groups(backend) on every rank"
+            )
+        if world_size > 1:
+            for name, group in (("control", control_group), ("up", up_group), ("down", down_group)):
+                if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
+                    raise SplitPlaneUsageError(
+                        f"the {name} group has size {dist.get_world_size(group)} and rank "
+                        f"{dist.get_rank(group)} here, but the transport was given world_size={world_size} "
+                        f"and rank={rank}; all three groups must span the same ranks in the same order"
+                    )
+        self.rank = rank
+        self.world_size = world_size
+        self._numel = numel
+        self._dtype = dtype
+        self._device = _normalise_device(device)
+        self._cuda = self._device.type == "cuda"
+        self._control = control_group
+        self._up = up_group
+        self._down = down_group
+        self._key = key
+        self._send_clock = send_clock
+        # Headers only: sized for a full clock whatever we send, since a peer may be configured to send one.
+        self._capacity = encoded_size(numel, dtype, world_size, key is not None, detached=True)
+        self._payload_bytes = numel * dtype.itemsize
+        # CUDA-only: the stream consumers of received tensors work on (see the module docstring).
+        self._consumer_stream = torch.cuda.current_stream(self._device) if self._cuda else None
+        self._inbox = CoalescingQueue()
+        self._outboxes: dict[int, _Outbox] = {}
+        self._senders: dict[int, threading.Thread] = {}
+        self._lock = threading.Lock()
+        self._stats = TransportStats()
+        self._unsynced: set[int] = set()  # senders whose data plane is out of step with their headers
+        self._shutdown_expected = threading.Event()
+        self._closed = False
+        self._receiver: threading.Thread | None = None
+        if world_size > 1:
+            self._receiver = threading.Thread(
+                target=self._receive_loop, name=f"dasgd-splitrecv-{rank}", daemon=True
+            )
+            self._receiver.start()
+
+    # -- Transport protocol ---------------------------------------------------------------------------
+    def send(self, peer: int, msg: Message) -> None:
+        """Queue ``msg`` for ``peer``; never blocks. A payload must be on the data device with the
+        transport's numel and dtype, and must not be modified afterwards (it is sent asynchronously).
+
+        Raises:
+            SplitPlaneUsageError: bad peer, or a payload of the wrong size, dtype or device.
+        """
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise SplitPlaneUsageError(
+                f"worker {self.rank} cannot send to peer {peer} (world size {self.world_size})"
+            )
+        payload = msg.payload
+        if payload is not None:
+            # Checked here, on the caller's side, because a receiver refuses such a header and stops
+            # listening to our data plane for good: better a clear error now than a silent partition.
+            if payload.numel() != self._numel or payload.dtype != self._dtype:
+                raise SplitPlaneUsageError(
+                    f"payload has {payload.numel()} {payload.dtype} elements but the transport carries "
+                    f"{self._numel} {self._dtype}; build it with the replica's parameter count and dtype"
+                )
+            if payload.device != self._device:
+                raise SplitPlaneUsageError(
+                    f"payload is on {payload.device} but the data device is {self._device}; "
+                    f"move it with .to({str(self._device)!r}) before sending"
+                )
+        with self._lock:
+            if peer in self._stats.dead_peers:
+                self._stats.undelivered += 1
+                return
+            out = self._outboxes.get(peer)
+            if out is None:
+                out = self._outboxes[peer] = _Outbox()
+                thread = threading.Thread(
+                    target=self._send_loop,
+                    args=(peer, out),
+                    name=f"dasgd-splitsend-{self.rank}-{peer}",
+                    daemon=True,
+                )
+                self._senders[peer] = thread
+                thread.start()
+        with out.lock:
+            out.box.put(msg)
+            if payload is not None and payload.is_cuda:
+                # CUDA-only. put() may have run clone()/add_() on the current stream, and the payload was
+                # produced on it: an event recorded now marks the point the sender thread must wait for.
+                stream = torch.cuda.current_stream(payload.device)
+                event = torch.cuda.Event()
+                event.record(stream)
+                out.ready[stream] = event
+
+    def poll(self) -> list[Message]:
+        return self._inbox.drain()
+
+    def wait(self, timeout: float) -> bool:
+        return self._inbox.wait_nonempty(timeout)
+
+    def flush(self, timeout: float) -> bool:
+        import time  # the transport is a real-time component; the deadline is wall time by nature
+
+        deadline = time.monotonic() + timeout
+        for out in list(self._outboxes.values()):
+            if not out.box.wait_idle(max(0.0, deadline - time.monotonic())):
+                return False
+        return True
+
+    def stats(self) -> TransportStats:
+        with self._lock:
+            self._stats.coalesced = sum(o.box.stats.coalesced for o in self._outboxes.values())
+            return self._stats
+
+    def expect_shutdown(self) -> None:
+        """From now on a SHUTDOWN message ends the receiver (call once the drain is complete everywhere)."""
+        self._shutdown_expected.set()
+
+    def shutdown(self, timeout: float = 30.0) -> bool:
+        """End-of-run: tell the ring successor to stop listening, wait for our own receiver to be told.
+
+        Every worker must call this after the end-of-run collective. Returns False if a thread did not end
+        in time (the caller may still exit: the threads are daemons).
+        """
+        self.expect_shutdown()
+        ok = True
+        if self.world_size > 1:
+            successor = (self.rank + 1) % self.world_size
+            self.send(successor, Message(Kind.SHUTDOWN, self.rank, self.rank))
+            ok = self.flush(timeout)
+            if self._receiver is not None:
+                self._receiver.join(timeout)
+                ok = ok and not self._receiver.is_alive()
+        self.close()
+        return ok
+
+    def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        for out in self._outboxes.values():
+            out.box.close()
+        for thread in self._senders.values():
+            thread.join(timeout=1.0)
+
+    # -- plumbing -------------------------------------------------------------------------------------
+    def _data_group(self, src: int, dst: int) -> dist.ProcessGroup:
+        # One group per direction, so that a pair's NCCL communicator never carries both ways at once.
+        return self._up if src < dst else self._down
+
+    @contextlib.contextmanager
+    def _side_stream(self) -> Iterator[None]:
+        """Run the body with a private CUDA stream current (CUDA only; a no-op on the CPU).
+
+        CUDA-only: the current device and stream are per thread, so each transport thread selects the
+        data device and its own stream once, for its whole life (see the module docstring for why).
+        """
+        if not self._cuda:
+            yield
+            return
+        torch.cuda.set_device(self._device)
+        with torch.cuda.stream(torch.cuda.Stream(self._device)):
+            yield
+
+    def _send_loop(self, peer: int, out: _Outbox) -> None:
+        with self._side_stream():
+            buf = torch.empty(self._capacity, dtype=torch.uint8)
+            group = self._data_group(self.rank, peer)
+            box = out.box
+            while True:
+                msg = box.take()
+                if msg is None:
+                    return
+                try:
+                    detached = msg.payload is not None
+                    n = encode_into(msg, buf, self._key, detached=detached)
+                    # Header first (Gloo): the receiver learns who sends what before the data arrives, which
+                    # NCCL needs because it cannot receive from an unknown source.
+                    dist.isend(buf[:n], group=self._control, group_dst=peer, tag=_TAG).wait()
+                    if detached:
+                        n += self._send_payload(peer, msg.payload, out, group)
+                    with self._lock:
+                        self._stats.sent_messages += 1
+                        self._stats.sent_bytes += n
+                except RuntimeError:
+                    # Gloo raises RuntimeError("... Connection closed by peer ...") when the peer died. The
+                    # pair is unusable for good: count what we could not deliver and stop sending to it.
+                    with self._lock:
+                        self._stats.dead_peers.add(peer)
+                        self._stats.undelivered += 1 + len(box.drain())
+                finally:
+                    # Only now: for CUDA, _send_payload has synchronised, so the transfer no longer needs
+                    # the payload that ``msg`` keeps alive until here.
+                    box.done()
+
+    def _send_payload(self, peer: int, payload: torch.Tensor, out: _Outbox, group: dist.ProcessGroup) -> int:
+        """Send ``payload`` on the data plane and return its byte count, once the transfer is complete."""
+        if payload.is_cuda:
+            # CUDA-only. The message was taken from the queue before this lock is acquired, and send()
+            # holds the lock from put() until its event is recorded, so the events read here cover every
+            # change made to this payload. Waiting is on the GPU (stream to event), not on the host.
+            with out.lock:
+                events = list(out.ready.values())
+            stream = torch.cuda.current_stream(payload.device)
+            for event in events:
+                stream.wait_event(event)
+        # C order and contiguous, as the receiver's flat buffer expects; a copy, if one is needed, runs
+        # after the waits above.
+        flat = payload.detach().reshape(-1).contiguous()
+        if flat.numel():  # the receiver posts nothing for an empty payload either
+            dist.isend(flat, group=group, group_dst=peer, tag=_TAG).wait()
+            if flat.is_cuda:
+                # CUDA-only: NCCL's wait() only made our side stream wait for the transfer; block until it
+                # has really happened, so neither ``flat`` nor the payload is freed or reused before.
+                torch.cuda.current_stream(flat.device).synchronize()
+        return flat.numel() * flat.element_size()
+
+    def _receive_payload(self, src: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Receive the payload announced by a header from ``src``; RuntimeError if the receive fails."""
+        tensor = torch.empty(numel, dtype=dtype, device=self._device)
+        if numel:
+            # An explicit source (NCCL has no "any source"): the header said who sends the payload.
+            dist.irecv(tensor, group=self._data_group(src, self.rank), group_src=src, tag=_TAG).wait()
+            if tensor.is_cuda:
+                # CUDA-only: wait() made only our side stream wait; synchronise so the values are final
+                # before the inbox hands them out, then tell the allocator the consumer stream uses them.
+                torch.cuda.current_stream(tensor.device).synchronize()
+                tensor.record_stream(self._consumer_stream)
+        return tensor
+
+    def _reject(self, reason: str, unsync: int | None = None) -> None:
+        with self._lock:
+            self._stats.rejected[reason] += 1
+            if unsync is not None:
+                self._unsynced.add(unsync)
+
+    def _receive_loop(self) -> None:
+        with self._side_stream():
+            buf = torch.empty(self._capacity, dtype=torch.uint8)
+            view = memoryview(buf.numpy())
+            while True:
+                try:
+                    dist.irecv(buf, src=None, group=self._control, tag=_TAG).wait()
+                except RuntimeError:
+                    if self._closed:
+                        return
+                    # Oversized (e.g. a payload inside the header) or broken; count and keep listening.
+                    self._reject("receive_error")
+                    continue
+                try:
+                    head = decode_detached(view, world_size=self.world_size, key=self._key)
+                except WireError as exc:
+                    self._reject(exc.reason)
+                    continue
+                msg = head.message
+                nbytes = encoded_size(
+                    head.numel, head.dtype, 0 if msg.clock is None else len(msg.clock), self._key is not None
+                )
+                if msg.kind == Kind.SHUTDOWN:
+                    with self._lock:
+                        self._stats.received_messages += 1
+                        self._stats.received_bytes += nbytes
+                    if self._shutdown_expected.is_set():
+                        return
+                    self._reject("early_shutdown")
+                    continue
+                if msg.payload is not None:
+                    # Split-plane peers always detach payloads; an inline one is foreign or hostile.
+                    self._reject("inline_payload")
+                    continue
+                if head.detached:
+                    sender = msg.sender
+                    with self._lock:
+                        unsynced = sender in self._unsynced
+                    if unsynced:
+                        self._reject("unsynced_peer")
+                        continue
+                    # Checked before any receive is posted or any memory allocated: a header that lies about
+                    # the payload costs us nothing but its sender's data plane.
+                    if head.numel != self._numel:
+                        self._reject("shape", unsync=sender)
+                        continue
+                    if head.dtype != self._dtype:
+                        self._reject("bad_dtype", unsync=sender)
+                        continue
+                    try:
+                        payload = self._receive_payload(sender, head.numel, head.dtype)
+                    except RuntimeError:
+                        if self._closed:
+                            return
+                        self._reject("data_receive_error", unsync=sender)
+                        continue
+                    msg = dataclasses.replace(msg, payload=payload)
+                with self._lock:
+                    self._stats.received_messages += 1
+                    self._stats.received_bytes += nbytes
+                self._deliver(msg)
+
+    def _deliver(self, msg: Message) -> None:
+        if self._consumer_stream is None:
+            self._inbox.put(msg)
+            return
+        # CUDA-only: the inbox may clone()/add_() this payload into a queued one; do that on the consumer
+        # stream, so a consumer working there is ordered after it.
+        with torch.cuda.stream(self._consumer_stream):
+            self._inbox.put(msg)
