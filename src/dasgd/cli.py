@@ -50,7 +50,7 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dim", type=int, help="quadratic: dimension")
     p.add_argument("--noise", type=float, help="quadratic: gradient noise sigma")
     p.add_argument("--condition", type=float, help="quadratic: condition number L/mu")
-    p.add_argument("--device", help="cpu (default)")
+    p.add_argument("--device", help="cpu (default, Gloo) | cuda (one GPU per worker, NCCL payloads)")
     p.add_argument(
         "--secret-env", metavar="VAR", help="env variable holding a shared secret (HMAC-signed messages)"
     )

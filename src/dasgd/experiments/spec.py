@@ -76,7 +76,8 @@ class RunSpec:
     condition: float = 10.0
     """quadratic: condition number L/mu."""
     device: str = "cpu"
-    """cpu (Gloo) or cuda (NCCL)."""
+    """cpu: replicas on the CPU, everything over Gloo. cuda: one GPU per worker (by local rank); message
+    headers over Gloo, gradient payloads over NCCL (the split-plane transport). Not tested without a GPU."""
     secret_env: str | None = None
     """Name of an environment variable holding a shared secret: messages then carry an HMAC-SHA256 tag."""
     drain_timeout: float = 120.0
@@ -282,11 +283,14 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
     need(spec.noise >= 0, "noise", "must be non-negative")
     need(spec.condition >= 1, "condition", "must be at least 1 (L/mu)")
     need(spec.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")
-    need(
-        spec.device == "cpu",
-        "device",
-        "the NCCL transport for CUDA replicas is not built yet; use --device cpu (Gloo)",
-    )
+    if spec.device == "cuda":
+        import torch
+
+        need(
+            torch.cuda.is_available(),
+            "device",
+            "no CUDA device is visible to torch here; use --device cpu, or install a CUDA build of torch",
+        )
     need(spec.drain_timeout > 0, "drain_timeout", "must be positive (seconds)")
     for rank, factor in spec.stragglers:
         need(

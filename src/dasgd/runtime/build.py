@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 
+import torch
+
 from dasgd.algorithms import make_algorithm
 from dasgd.core.topology import Topology, parse_topology
 from dasgd.experiments.spec import RunSpec, SpecError
@@ -52,9 +54,18 @@ def sampler_seed(spec: RunSpec, rank: int) -> int:
     return spec.seed * 1_000_003 + 7919 * (rank + 1)
 
 
-def build_worker(spec: RunSpec, rank: int, task: Task, resolved: Resolved, send_clock: bool = True) -> Worker:
+def build_worker(
+    spec: RunSpec,
+    rank: int,
+    task: Task,
+    resolved: Resolved,
+    send_clock: bool = True,
+    device: torch.device | None = None,
+) -> Worker:
     """Worker ``rank`` with its replica (identical x0 on every worker: same model seed) and data stream."""
     model = task.build_model(spec.seed)
+    if device is not None:
+        model = model.to(device)
     shard = (rank, spec.workers) if spec.data == "shards" else None
     sampler = task.sampler(sampler_seed(spec, rank), resolved.batch_size, shard)
 

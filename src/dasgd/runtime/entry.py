@@ -52,12 +52,36 @@ def _file_progress(folder: Path, rank: int) -> Callable[[dict], None]:
     return write
 
 
+def _device(spec: RunSpec) -> torch.device:
+    if spec.device == "cpu":
+        return torch.device("cpu")
+    # One GPU per process, chosen by the local rank as torchrun and dasgd's launcher set it.
+    index = int(os.environ.get("LOCAL_RANK", "0")) % max(1, torch.cuda.device_count())
+    torch.cuda.set_device(index)
+    return torch.device("cuda", index)
+
+
+def _make_transport(spec: RunSpec, session: DistributedSession, worker, device: torch.device):
+    key = secret_key(spec)
+    n, dtype = worker.params.numel(), worker.params.dtype
+    if device.type == "cpu":
+        return TorchDistTransport(session.rank, spec.workers, n, dtype, group=session.p2p_group, key=key)
+    from dasgd.transport.splitplane import SplitPlaneTransport, make_data_groups
+
+    up, down = make_data_groups("nccl")
+    return SplitPlaneTransport(
+        session.rank, spec.workers, n, dtype, device, session.p2p_group, up, down, key=key
+    )
+
+
 def run_process(
     spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None
 ) -> dict | None:
     """Run this process's worker to the end of the run. Returns the summary on rank 0, None elsewhere."""
     torch.set_num_threads(_threads_per_worker())
-    session = DistributedSession("gloo" if spec.device == "cpu" else "nccl")
+    # The default group is always Gloo: it carries the (CPU) message headers and the collectives. CUDA
+    # replicas add two NCCL groups for the gradient payloads (the split-plane transport).
+    session = DistributedSession("gloo")
     results_dir = Path(os.environ[RESULTS_DIR_ENV]) if os.environ.get(RESULTS_DIR_ENV) else None
     try:
         if session.world_size != spec.workers:
@@ -69,15 +93,9 @@ def run_process(
             on_progress = _file_progress(Path(os.environ[PROGRESS_DIR_ENV]), rank)
         task = build_task(spec)
         resolved = resolve(spec)
-        worker = build_worker(spec, rank, task, resolved)
-        transport = TorchDistTransport(
-            rank,
-            spec.workers,
-            worker.params.numel(),
-            worker.params.dtype,
-            group=session.p2p_group,
-            key=secret_key(spec),
-        )
+        device = _device(spec)
+        worker = build_worker(spec, rank, task, resolved, device=device)
+        transport = _make_transport(spec, session, worker, device)
         # The time origin is agreed after every process has built its data and model, so start-up cost
         # (dataset loading) is not counted as training time.
         clock = WallClock(session.shared_origin(time.time()))

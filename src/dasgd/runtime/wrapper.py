@@ -87,17 +87,33 @@ class DecentralizedSGD:
             else (complete(n) if topology == "complete" else parse_topology(topology, n))
         )
         # Identical x0 everywhere, as the algorithm requires: rank 0's initial parameters win.
+        # (through a CPU copy: the collective group is Gloo, whatever device the model is on)
         for p in model.parameters():
-            dist.broadcast(p.data, src=0, group=self.session.collective_group)
+            host = p.data.detach().cpu()
+            dist.broadcast(host, src=0, group=self.session.collective_group)
+            p.data.copy_(host)
         self.worker = Worker(rank, n, model, topo, DASGD(), self._lr)
-        self.transport = TorchDistTransport(
-            rank,
-            n,
-            self.worker.params.numel(),
-            self.worker.params.dtype,
-            group=self.session.p2p_group,
-            key=key,
-        )
+        params = self.worker.params
+        if params.is_cuda:
+            # CUDA replicas: headers over Gloo, payloads over NCCL (see transport/splitplane.py).
+            from dasgd.transport.splitplane import SplitPlaneTransport, make_data_groups
+
+            up, down = make_data_groups("nccl")
+            self.transport = SplitPlaneTransport(
+                rank,
+                n,
+                params.numel(),
+                params.dtype,
+                params.device,
+                self.session.p2p_group,
+                up,
+                down,
+                key=key,
+            )
+        else:
+            self.transport = TorchDistTransport(
+                rank, n, params.numel(), params.dtype, group=self.session.p2p_group, key=key
+            )
         self.clock = WallClock(self.session.shared_origin(time.time()))
         self.ledger = StalenessLedger(n)
         self.model = model
