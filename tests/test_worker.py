@@ -190,3 +190,24 @@ def test_ledger_records_show_staleness_when_delivery_is_delayed():
     # Global order alternates 0,1,0,1,...: gradient k misses the other worker's gradients before it.
     expected = [k // 2 + (k % 2) for k in range(20)]
     assert stats.per_gradient.tolist() == expected
+
+
+def test_out_of_order_ranges_are_held_exactly_once_and_the_gap_closes():
+    _, workers = quadratic_workers(2)
+    w = workers[1]
+
+    def g(lo, hi):
+        return Message(Kind.GRADIENT, 0, 0, lo, hi, torch.ones(20, dtype=torch.float64))
+
+    w.receive([g(2, 4)])  # ids 0, 1 not here yet: the clock (contiguous prefix) stays at 0
+    assert w.clock[0] == 0
+    w.receive([g(3, 5), g(2, 3)])  # both overlap what is held
+    assert w.rejected["duplicate"] == 2
+    w.receive([g(0, 2)])
+    assert w.clock[0] == 4 and not w._gaps
+    w.receive(
+        [Message(Kind.FINAL, 0, 0, 4, 4), Message(Kind.FINAL, 0, 0, 4, 4), Message(Kind.FINAL, 0, 0, 9, 9)]
+    )
+    assert w.finals()[0] == 4
+    assert w.rejected["duplicate"] == 3 and w.rejected["conflicting_final"] == 1
+    torch.testing.assert_close(w.params, workers[0].params - 0.1 * 2)  # two messages were applied

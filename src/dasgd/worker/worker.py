@@ -92,8 +92,12 @@ class Worker:
         self.grads_per_message = grads_per_message
         self.send_clock = send_clock
         self.clock = np.zeros(world_size, dtype=np.int64)
-        self._sets = [GradientSet() for _ in range(world_size)]
-        self._finals: dict[int, int] = {}
+        # Per-origin state is kept compact (a few ints per origin) because the simulator runs thousands of
+        # workers: the clock is the contiguous prefix of each origin's ids held; only an origin whose ids
+        # arrived with a gap (a fault or a reordering path) gets a full GradientSet until the gap closes.
+        self._gaps: dict[int, GradientSet] = {}
+        self._finals = np.full(world_size, -1, dtype=np.int64)
+        self._dead = np.zeros(world_size, dtype=bool)
         self._own_children = topology.children(rank, rank)
         self._pending: torch.Tensor | None = None  # own gradients not yet sent (B > 1)
         self._pending_lo = 0
@@ -101,7 +105,6 @@ class Worker:
         self.stopped = False
         self.stop_requested = False
         self.rejected: Counter[str] = Counter()
-        self.dead: set[int] = set()
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -112,13 +115,10 @@ class Worker:
     @property
     def complete(self) -> bool:
         """Every worker's final count is known and every one of their gradients has been applied."""
-        for j in range(self.world_size):
-            if j in self.dead:
-                continue
-            n = self._finals.get(j)
-            if n is None or self._sets[j].prefix != n or len(self._sets[j]) != n:
-                return False
-        return True
+        live = ~self._dead
+        if not (self._finals[live] >= 0).all() or not (self.clock[live] == self._finals[live]).all():
+            return False
+        return not any(live[o] for o in self._gaps)
 
     def declare_dead(self, origin: int) -> None:
         """Stop waiting for ``origin`` (its process died): the drain completes without its final count.
@@ -127,11 +127,16 @@ class Worker:
         replicas and not others are reported as lost by the run summary.
         """
         if origin != self.rank:
-            self.dead.add(origin)
+            self._dead[origin] = True
+
+    @property
+    def dead(self) -> set[int]:
+        """Origins declared dead."""
+        return {int(o) for o in np.flatnonzero(self._dead)}
 
     def finals(self) -> dict[int, int]:
         """Final gradient counts announced so far, by origin."""
-        return dict(self._finals)
+        return {int(o): int(self._finals[o]) for o in np.flatnonzero(self._finals >= 0)}
 
     # -- the four operations -------------------------------------------------------------------------
     def receive(self, messages: list[Message]) -> list[Outgoing]:
@@ -142,10 +147,14 @@ class Worker:
             if msg is None:
                 continue
             if msg.kind == Kind.GRADIENT:
-                self._sets[msg.origin].add(msg.lo, msg.hi)
-                self.clock[msg.origin] = self._sets[msg.origin].prefix
+                self._hold(msg.origin, msg.lo, msg.hi)
                 self.algorithm.remote_update(self.params, msg.payload, self.lr, msg.count)
             elif msg.kind == Kind.FINAL:
+                if self._finals[msg.origin] >= 0:
+                    self.rejected[
+                        "duplicate" if self._finals[msg.origin] == msg.hi else "conflicting_final"
+                    ] += 1
+                    continue
                 self._finals[msg.origin] = msg.hi
             elif msg.kind == Kind.STOP:
                 self.stop_requested = True
@@ -178,7 +187,6 @@ class Worker:
         self.algorithm.local_update(self.params, gradient.grad, self.lr)
         index = self.computed
         self.computed += 1
-        self._sets[self.rank].add(index, index + 1)
         self.clock[self.rank] = self.computed
         if self.grads_per_message == 1:
             return self._push(Kind.GRADIENT, index, index + 1, gradient.grad)
@@ -218,6 +226,27 @@ class Worker:
         msg = Message(kind, self.rank, self.rank, lo, hi, payload, clock)
         return [(peer, msg) for peer in self._own_children]
 
+    def _holds_any(self, origin: int, lo: int, hi: int) -> bool:
+        gaps = self._gaps.get(origin)
+        if gaps is not None:
+            return gaps.overlaps(lo, hi)
+        return lo < self.clock[origin]
+
+    def _hold(self, origin: int, lo: int, hi: int) -> None:
+        """Record ids [lo, hi) of ``origin`` as applied (known not to overlap what is held)."""
+        gaps = self._gaps.get(origin)
+        if gaps is None:
+            if lo == self.clock[origin]:  # the in-order fast path
+                self.clock[origin] = hi
+                return
+            gaps = self._gaps[origin] = GradientSet()
+            if self.clock[origin] > 0:
+                gaps.add(0, int(self.clock[origin]))
+        gaps.add(lo, hi)
+        self.clock[origin] = gaps.prefix
+        if len(gaps) == gaps.prefix:  # the gap closed
+            del self._gaps[origin]
+
     def _accept(self, msg: Message) -> Message | None:
         """Checks the wire codec cannot make: routing, duplicates, shape against this replica."""
         if not (0 <= msg.origin < self.world_size and 0 <= msg.sender < self.world_size):
@@ -236,11 +265,11 @@ class Worker:
             if msg.lo < 0 or msg.hi <= msg.lo:
                 self.rejected["bad_range"] += 1
                 return None
-            if self._sets[msg.origin].overlaps(msg.lo, msg.hi):
+            if self._holds_any(msg.origin, msg.lo, msg.hi):
                 self.rejected["duplicate"] += 1
                 return None
-            final = self._finals.get(msg.origin)
-            if final is not None and msg.hi > final:
+            final = self._finals[msg.origin]
+            if final >= 0 and msg.hi > final:
                 self.rejected["after_final"] += 1
                 return None
             if msg.payload.dtype != self.params.dtype or msg.payload.device != self.params.device:
