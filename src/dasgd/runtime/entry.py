@@ -20,12 +20,12 @@ import torch
 
 from dasgd.core.ledger import StalenessLedger
 from dasgd.experiments.spec import RunSpec
+from dasgd.metrics.shard import WorkerShard
 from dasgd.runtime.build import build_task, build_worker, resolve, secret_key
 from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import LoopConfig, WorkerLoop
 from dasgd.runtime.results import summarize, write_run_outputs
 from dasgd.runtime.session import DistributedSession
-from dasgd.runtime.shard import WorkerShard
 from dasgd.transport.torchdist import TorchDistTransport
 from dasgd.worker.replica import checksum
 

@@ -18,8 +18,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from dasgd.experiments.spec import RunSpec
+from dasgd.metrics.shard import WorkerShard
 from dasgd.runtime.results import summarize, write_run_outputs
-from dasgd.runtime.shard import WorkerShard
 
 __all__ = ["RunFailed", "launch_local", "free_port"]
 

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from dasgd.core.ledger import StalenessLedger
 from dasgd.runtime.clock import Clock
 from dasgd.transport.base import Transport
+from dasgd.worker.rules import stop_reason
 from dasgd.worker.worker import Outgoing, Worker
 
 __all__ = ["LoopConfig", "LoopResult", "WorkerLoop", "send_all"]
@@ -140,18 +141,16 @@ class WorkerLoop:
         return self.transport.flush(max(0.0, deadline - self.clock.now()))
 
     def _stop_reason(self, elapsed: float) -> str:
-        cfg, w = self.config, self.worker
-        if w.stop_requested:
-            return "stop_requested"
-        if cfg.max_gradients is not None and w.applied >= cfg.max_gradients:
-            return "max_gradients"
-        if cfg.max_seconds is not None and elapsed >= cfg.max_seconds:
-            return "max_seconds"
-        if cfg.target_accuracy is not None and cfg.accuracy_metric is not None:
-            acc = self._last_metrics.get(cfg.accuracy_metric)
-            if acc is not None and acc >= cfg.target_accuracy:
-                return "target_accuracy"
-        return ""
+        cfg = self.config
+        return stop_reason(
+            self.worker,
+            elapsed,
+            self._last_metrics,
+            cfg.max_gradients,
+            cfg.max_seconds,
+            cfg.target_accuracy,
+            cfg.accuracy_metric,
+        )
 
     def _evaluate(self, now: float) -> None:
         assert self.evaluator is not None

@@ -15,7 +15,7 @@ import numpy as np
 
 from dasgd.core.ledger import compute_staleness
 from dasgd.experiments.spec import RunSpec
-from dasgd.runtime.shard import WorkerShard
+from dasgd.metrics.shard import WorkerShard
 
 __all__ = ["summarize", "write_run_outputs", "replica_tolerance", "render_run_dir"]
 
