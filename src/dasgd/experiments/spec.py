@@ -16,6 +16,8 @@ from typing import Any
 
 import yaml
 
+from dasgd.experiments.simspec import SimSpec, resolve_sim_spec
+
 __all__ = ["RunSpec", "SpecError", "load_spec_file", "resolve_spec", "parse_straggler", "flag_name"]
 
 DATA_MODES = ("shared", "shards")
@@ -84,6 +86,8 @@ class RunSpec:
     """Seconds the end-of-run drain may take before the run is reported as incomplete."""
     run_dir: str | None = None
     """Where outputs go; None: runs/<task>-<timestamp>."""
+    simulation: SimSpec = field(default_factory=SimSpec)
+    """How `dasgd simulate` models compute, network and failures (ignored by real runs)."""
     notes: dict[str, Any] = field(default_factory=dict, compare=False)
     """Free-form labels copied into the summary (not validated)."""
 
@@ -104,6 +108,7 @@ class RunSpec:
         """Plain data for YAML/JSON (stragglers as "RANKxFACTOR" strings)."""
         out = dataclasses.asdict(self)
         out["stragglers"] = [f"{r}x{f:g}" for r, f in self.stragglers]
+        out["simulation"] = self.simulation.to_dict()
         return out
 
     def to_yaml(self) -> str:
@@ -192,15 +197,23 @@ _KINDS = {
 }
 
 
-def resolve_spec(values: dict[str, Any] | None = None, **overrides: Any) -> RunSpec:
+def resolve_spec(
+    values: dict[str, Any] | None = None, *, simulate: bool = False, **overrides: Any
+) -> RunSpec:
     """Build and validate a RunSpec from file values updated by overrides (None overrides are ignored).
 
     Unknown keys, wrong types and out-of-range values raise SpecError naming the flag and the fix.
+    ``simulate`` allows the worker counts only the simulator can run. Simulation keys may be given in
+    ``values["simulation"]`` and overridden by ``overrides["simulation"]`` (a mapping).
     """
     from dasgd.algorithms import ALGORITHMS
     from dasgd.tasks import TASK_NAMES
 
     merged: dict[str, Any] = dict(values or {})
+    sim_values = dict(merged.pop("simulation", None) or {})
+    if not isinstance(sim_values, dict):
+        raise SpecError("simulation", "must be a mapping of simulation keys")
+    sim_values.update({k: v for k, v in (overrides.pop("simulation", None) or {}).items() if v is not None})
     merged.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(RunSpec)}
     unknown = sorted(set(merged) - known)
@@ -216,8 +229,9 @@ def resolve_spec(values: dict[str, Any] | None = None, **overrides: Any) -> RunS
             kw[name] = dict(value)
         else:
             kw[name] = _coerce(name, value, _KINDS[name])
+    kw["simulation"] = resolve_sim_spec(sim_values, int(kw.get("workers", RunSpec.workers)))
     spec = RunSpec(**kw)
-    _check(spec, TASK_NAMES, tuple(ALGORITHMS))
+    _check(spec, TASK_NAMES, tuple(ALGORITHMS), simulate)
     if not spec.stop_rules():
         spec = dataclasses.replace(spec, max_gradients=DEFAULT_BUDGET.get(spec.task, 2000))
     return spec
@@ -243,7 +257,7 @@ def _stragglers(value: Any) -> tuple[tuple[int, float], ...]:
     return tuple(sorted(items))
 
 
-def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ...]) -> None:
+def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ...], simulate: bool) -> None:
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise SpecError(flag_name(key), message)
@@ -256,10 +270,12 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
         "algorithm",
         f"unknown algorithm {spec.algorithm!r}; choose one of: {', '.join(algorithms)}",
     )
+    limit = 100_000 if simulate else 1024
     need(
-        1 <= spec.workers <= 1024,
+        1 <= spec.workers <= limit,
         "workers",
-        f"{spec.workers} workers: give 1 to 1024 real workers (use `dasgd simulate` for more)",
+        f"{spec.workers} workers: give 1 to {limit}"
+        + ("" if simulate else " real workers (`dasgd simulate` runs more)"),
     )
     need(spec.lr is None or spec.lr > 0, "lr", f"the stepsize must be positive, got {spec.lr}")
     need(spec.batch_size is None or spec.batch_size >= 1, "batch_size", "the batch size must be at least 1")

@@ -10,10 +10,10 @@ import torch
 from dasgd.algorithms import make_algorithm
 from dasgd.core.topology import Topology, parse_topology
 from dasgd.experiments.spec import RunSpec, SpecError
-from dasgd.tasks import Task, default_batch_size, default_lr, make_task
+from dasgd.tasks import BatchSampler, Task, default_batch_size, default_lr, make_task
 from dasgd.worker.worker import Worker
 
-__all__ = ["Resolved", "build_task", "build_worker", "resolve", "secret_key", "sampler_seed"]
+__all__ = ["Resolved", "build_sampler", "build_task", "build_worker", "resolve", "secret_key", "sampler_seed"]
 
 
 @dataclass(frozen=True)
@@ -54,6 +54,12 @@ def sampler_seed(spec: RunSpec, rank: int) -> int:
     return spec.seed * 1_000_003 + 7919 * (rank + 1)
 
 
+def build_sampler(spec: RunSpec, rank: int, task: Task, resolved: Resolved) -> BatchSampler:
+    """Worker ``rank``'s data stream: the whole training set in its own order, or its shard."""
+    shard = (rank, spec.workers) if spec.data == "shards" else None
+    return task.sampler(sampler_seed(spec, rank), resolved.batch_size, shard)
+
+
 def build_worker(
     spec: RunSpec,
     rank: int,
@@ -61,16 +67,16 @@ def build_worker(
     resolved: Resolved,
     send_clock: bool = True,
     device: torch.device | None = None,
+    sampler: BatchSampler | None = None,
 ) -> Worker:
     """Worker ``rank`` with its replica (identical x0 on every worker: same model seed) and data stream."""
     model = task.build_model(spec.seed)
     if device is not None:
         model = model.to(device)
-    shard = (rank, spec.workers) if spec.data == "shards" else None
-    sampler = task.sampler(sampler_seed(spec, rank), resolved.batch_size, shard)
+    batches = sampler if sampler is not None else build_sampler(spec, rank, task, resolved)
 
     def loss_fn(m):
-        return task.loss(m, sampler.next())
+        return task.loss(m, batches.next())
 
     return Worker(
         rank,

@@ -32,7 +32,12 @@ def replica_tolerance(dtype: np.dtype, gradients: int) -> float:
 
 
 def summarize(
-    spec: RunSpec, shards: list[WorkerShard], task_info: dict[str, Any], batch_size: int, lr: float
+    spec: RunSpec,
+    shards: list[WorkerShard],
+    task_info: dict[str, Any],
+    batch_size: int,
+    lr: float,
+    time_unit: str = "wall",
 ) -> dict[str, Any]:
     """The run's summary.json content (keys documented in dasgd.metrics.report).
 
@@ -100,13 +105,14 @@ def summarize(
         "workers": n,
         "topology": spec.topology,
         "stop_reason": ",".join(reasons) or "stop_requested",
-        "time_unit": "wall",
+        "time_unit": time_unit,
         "lr": lr,
         "batch_size": batch_size,
         "wall_time_s": train_time,
         "drain_time_s": drain_time - train_time,
         "samples_per_s": total * batch_size / train_time if train_time > 0 else 0.0,
-        "final_metrics": shards[0].meta.get("final_metrics", {}),
+        "final_metrics": next((s.meta["final_metrics"] for s in shards if s.meta.get("final_metrics")), {}),
+        **_to_target(spec, [e for s in shards for e in s.meta.get("evals", [])]),
         "gradients_computed": total,
         "gradients_applied": [int(c.sum()) for c in final_clocks],
         "gradients_lost": lost,
@@ -124,6 +130,21 @@ def summarize(
         "faithful": spec.algorithm == "dasgd" and spec.data == "shared",
         "notes": spec.notes,
     }
+
+
+def _to_target(spec: RunSpec, evals: list[dict]) -> dict[str, Any]:
+    """Time and gradients at the first evaluation that reached the target accuracy (None if never)."""
+    if spec.target_accuracy is None:
+        return {}
+    for e in sorted(evals, key=lambda e: e["time"]):
+        acc = e.get("test_accuracy")
+        if acc is not None and acc >= spec.target_accuracy:
+            return {
+                "target_accuracy": spec.target_accuracy,
+                "time_to_target_s": e["time"],
+                "gradients_to_target": e["gradients"],
+            }
+    return {"target_accuracy": spec.target_accuracy, "time_to_target_s": None, "gradients_to_target": None}
 
 
 def _mean_step(s: WorkerShard) -> float:

@@ -1,0 +1,173 @@
+"""`dasgd simulate`: build a run's workers exactly as a real run does, and drive them in virtual time.
+
+The worker, algorithm, topology, task and stop rules are the real ones (runtime/build.py, worker/rules.py);
+only the clock, the transport and the scheduling come from dasgd.sim. The run directory has the same files
+as a real run, with virtual time on every time axis.
+"""
+
+from __future__ import annotations
+
+import math
+import resource
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dasgd.experiments.spec import RunSpec
+from dasgd.metrics.shard import WorkerShard
+from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
+from dasgd.runtime.results import summarize, write_run_outputs
+from dasgd.sim.engine import SimOutcome, Simulation, StopPolicy
+from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel, read_step_trace
+from dasgd.worker.replica import checksum
+
+__all__ = ["simulate", "compute_model", "network_model", "stragglers_of"]
+
+
+def stragglers_of(spec: RunSpec) -> dict[int, float]:
+    """Slowdown per worker: the spec's named stragglers, plus a seeded share of the others."""
+    slow = dict(spec.stragglers)
+    sim = spec.simulation
+    k = int(round(sim.straggler_share * spec.workers))
+    if k and sim.slowdown > 1:
+        others = np.array([r for r in range(spec.workers) if r not in slow])
+        rng = np.random.default_rng([spec.seed, 11])
+        for r in rng.choice(others, size=min(k, len(others)), replace=False):
+            slow[int(r)] = sim.slowdown
+    return slow
+
+
+def compute_model(spec: RunSpec) -> ComputeModel:
+    sim = spec.simulation
+    traces = read_step_trace(sim.trace) if sim.compute == "trace" and sim.trace else ()
+    return ComputeModel(sim.compute, sim.compute_time, sim.compute_sigma, traces, stragglers_of(spec))
+
+
+def network_model(spec: RunSpec) -> NetworkModel:
+    sim = spec.simulation
+    default = LinkModel(sim.latency, sim.latency_sigma, sim.bandwidth)
+    overrides = {(s, d): LinkModel(lat, sim.latency_sigma, bw) for s, d, lat, bw in sim.links}
+    return NetworkModel(default, overrides, sim.loss, sim.loss_mode, sim.retransmit_after)
+
+
+def simulate(
+    spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None
+) -> dict[str, Any]:
+    """Run ``spec`` in the simulator and write its run directory; return the summary."""
+    wall_start = time.perf_counter()
+    task = build_task(spec)
+    resolved = resolve(spec)
+    samplers = [build_sampler(spec, r, task, resolved) for r in range(spec.workers)]
+    # Message clocks cost world_size ints per message; the simulator's ledger does not need them.
+    workers = [
+        build_worker(spec, r, task, resolved, send_clock=False, sampler=samplers[r])
+        for r in range(spec.workers)
+    ]
+    sim = spec.simulation
+    policy = StopPolicy(
+        spec.max_gradients,
+        spec.max_seconds,
+        spec.target_accuracy,
+        task.accuracy_metric,
+        spec.eval_every,
+        spec.drain_timeout,
+    )
+    failures = FailurePlan(sim.crashes, sim.crash_rate, sim.link_down)
+    engine = Simulation(
+        workers,
+        samplers,
+        task,
+        compute_model(spec),
+        network_model(spec),
+        failures,
+        policy,
+        spec.seed,
+        batched=sim.batched,
+        on_progress=on_progress,
+    )
+    outcome = engine.run()
+    live = [r for r in range(spec.workers) if not outcome.crashed[r]]
+    evaluator = live[0] if live else 0
+    final_metrics = task.evaluate(workers[evaluator].model, full=True) if live else {}
+    outcome.evals.append(
+        {
+            "worker": evaluator,
+            "time": outcome.end_time,
+            "gradients": workers[evaluator].applied,
+            **final_metrics,
+        }
+    )
+    shards = [
+        _shard(
+            r,
+            workers[r],
+            outcome,
+            engine.net.stats[r].to_dict(),
+            outcome.evals if r == evaluator else [],
+            final_metrics if r == evaluator else {},
+            task.describe(),
+            resolved.batch_size,
+            resolved.lr,
+        )
+        for r in live
+    ]
+    summary = summarize(spec, shards, task.describe(), resolved.batch_size, resolved.lr, time_unit="virtual")
+    summary["simulation"] = {
+        **sim.to_dict(),
+        "events": outcome.events_processed,
+        "virtual_end_s": outcome.end_time,
+        "crashed_workers": [r for r in range(spec.workers) if outcome.crashed[r]],
+        "messages_lost": outcome.lost_messages,
+        "gradients_lost_in_network": outcome.lost_gradients,
+        "retransmissions": outcome.retransmissions,
+        "stragglers": {str(k): v for k, v in sorted(stragglers_of(spec).items())},
+        "wall_time_s": time.perf_counter() - wall_start,
+        "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    write_run_outputs(run_dir, spec, shards, summary)
+    return summary
+
+
+def _shard(
+    rank: int,
+    worker,
+    outcome: SimOutcome,
+    transport: dict,
+    evals: list[dict],
+    final_metrics: dict,
+    task_info: dict,
+    batch_size: int,
+    lr: float,
+) -> WorkerShard:
+    origin, index, start, end, clocks = outcome.ledgers[rank].arrays()
+    drain_end = outcome.drain_end[rank]
+    return WorkerShard(
+        origin=origin,
+        index=index,
+        start=start,
+        end=end,
+        clock=clocks,
+        params=worker.params.detach().cpu().numpy().copy(),
+        final_clock=worker.clock.copy(),
+        meta={
+            "rank": rank,
+            "computed": worker.computed,
+            "stop_reason": outcome.stop_reason[rank],
+            "drained": outcome.drained[rank],
+            "train_end": outcome.train_end[rank],
+            "drain_end": drain_end if not math.isnan(drain_end) else outcome.end_time,
+            "evals": evals,
+            "rejected": dict(worker.rejected),
+            "transport": transport,
+            "param_checksum": checksum(worker.params)[:16],
+            "final_metrics": final_metrics,
+            "task_info": task_info,
+            "batch_size": batch_size,
+            "lr": lr,
+        },
+    )

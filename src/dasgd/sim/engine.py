@@ -1,0 +1,292 @@
+"""The discrete-event engine: drives the same Worker objects as real runs, in virtual time.
+
+Each worker repeats what the real loop does (runtime/loop.py) with the same worker operations and the same
+stop rules (worker/rules.py): at the start of a step it applies what has arrived, checks the stop rules,
+and starts a gradient; when the compute-time model says the gradient is done, it commits it (applies it and
+sends it) and starts the next step. A worker's replica changes only at its own events, so the gradient it
+computes at the start of a step is the gradient of the replica it will commit from; that is what lets the
+engine compute the gradients of many in-flight workers in one batched call without changing any result.
+
+Events tie-break by scheduling order (events.py): the same workers, models and seed give the same run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dasgd.core.ledger import StalenessLedger
+from dasgd.sim.batched import BatchedGradients
+from dasgd.sim.events import EventKind, EventQueue, VirtualClock
+from dasgd.sim.models import ComputeModel, FailurePlan, NetworkModel
+from dasgd.sim.network import SimNetwork
+from dasgd.tasks import BatchSampler, Task
+from dasgd.worker.rules import stop_reason
+from dasgd.worker.worker import Gradient, Outgoing, Worker
+
+__all__ = ["Simulation", "SimOutcome", "StopPolicy"]
+
+_COMPUTING, _DRAINING, _DONE, _DEAD = range(4)
+
+
+@dataclass(frozen=True)
+class StopPolicy:
+    """Stop rules and evaluation cadence, in virtual seconds."""
+
+    max_gradients: int | None = None
+    max_seconds: float | None = None
+    target_accuracy: float | None = None
+    accuracy_metric: str | None = None
+    eval_every: float = 0.5
+    drain_timeout: float = 120.0
+
+
+@dataclass
+class SimOutcome:
+    """What happened to each worker, plus network counters."""
+
+    ledgers: list[StalenessLedger]
+    stop_reason: list[str]
+    train_end: list[float]
+    drain_end: list[float]
+    drained: list[bool]
+    crashed: list[bool]
+    evals: list[dict] = field(default_factory=list)
+    events_processed: int = 0
+    end_time: float = 0.0
+    lost_messages: int = 0
+    lost_gradients: int = 0
+    retransmissions: int = 0
+
+
+class Simulation:
+    """One simulated run.
+
+    Args:
+        workers: the workers (built exactly as for a real run), rank i at index i.
+        samplers: each worker's batch stream (the same objects its loss function draws from).
+        task: the workload (evaluation, batched gradients).
+        compute: compute-time model.
+        network: network model.
+        failures: crashes and link outages.
+        policy: stop rules and evaluation cadence.
+        seed: the run seed (compute-time and network draws).
+        batched: compute in-flight gradients in vectorised calls (results equal one-by-one up to rounding).
+        on_progress: called every ``progress_every`` events with a small dict.
+    """
+
+    def __init__(
+        self,
+        workers: list[Worker],
+        samplers: list[BatchSampler],
+        task: Task,
+        compute: ComputeModel,
+        network: NetworkModel,
+        failures: FailurePlan,
+        policy: StopPolicy,
+        seed: int,
+        batched: bool = False,
+        on_progress: Callable[[dict], None] | None = None,
+        progress_every: int = 5000,
+    ) -> None:
+        n = len(workers)
+        self.workers = workers
+        self.samplers = samplers
+        self.task = task
+        self.compute_model = compute
+        self.failures = failures
+        self.policy = policy
+        self.clock = VirtualClock()
+        self.events = EventQueue()
+        self.net = SimNetwork(n, network, self.events, self.clock.now, self._on_arrival, seed)
+        self.transports = [self.net.endpoint(r) for r in range(n)]
+        self._rngs = [np.random.default_rng([seed, 3, r]) for r in range(n)]
+        self._failure_rng = np.random.default_rng([seed, 5])
+        self._batched = BatchedGradients(task, workers[0].model) if batched else None
+        self._pending: dict[int, Gradient] = {}
+        self._inflight: dict[int, None] = {}  # ordered set: workers computing without a gradient yet
+        self._snapshot: list[np.ndarray | None] = [None] * n
+        self._started = [0.0] * n
+        self._state = [_COMPUTING] * n
+        self._wake_at = [math.inf] * n
+        self._metrics: dict[str, float] = {}
+        self.on_progress = on_progress
+        self.progress_every = progress_every
+        self.outcome = SimOutcome(
+            ledgers=[StalenessLedger(n) for _ in range(n)],
+            stop_reason=[""] * n,
+            train_end=[math.nan] * n,
+            drain_end=[math.nan] * n,
+            drained=[False] * n,
+            crashed=[False] * n,
+        )
+        self._drain_deadline = math.inf
+
+    # -- driving ----------------------------------------------------------------------------------------
+    def run(self) -> SimOutcome:
+        """Run to the end (every live worker drained, or the drain timeout). Returns the outcome."""
+        n = len(self.workers)
+        horizon = self.policy.max_seconds if self.policy.max_seconds is not None else math.inf
+        for w, t in sorted(self.failures.crash_times(n, self._failure_rng, horizon).items()):
+            self.events.push(t, EventKind.CRASH, w)
+        for a, b, start, end in self.failures.link_down:
+            self.net.add_outage(a, b, start, end)
+        self.events.push(0.0, EventKind.EVALUATE)
+        for w in range(n):
+            self._start(w)
+        while self.events:
+            t, kind, a, b = self.events.pop()
+            if t > self._drain_deadline:
+                break
+            self.clock.advance_to(t)
+            if kind == EventKind.GRADIENT_DONE:
+                self._done(a)
+            elif kind == EventKind.LINK_FREE:
+                self.net.link_free(a, b)
+            elif kind == EventKind.WAKE:
+                self._wake(a)
+            elif kind == EventKind.EVALUATE:
+                self._evaluate()
+            elif kind == EventKind.CRASH:
+                self._crash(a)
+            if self.on_progress is not None and self.events.processed % self.progress_every == 0:
+                self.on_progress(self._progress())
+            if all(s in (_DONE, _DEAD) for s in self._state):
+                break
+        out = self.outcome
+        out.events_processed = self.events.processed
+        out.end_time = self.clock.now()
+        out.lost_messages, out.lost_gradients = self.net.lost_messages, self.net.lost_gradients
+        out.retransmissions = self.net.retransmissions
+        for w in range(n):
+            if self._state[w] == _DRAINING:
+                out.drain_end[w] = self.clock.now()
+        return out
+
+    def _send(self, w: int, outgoing: list[Outgoing]) -> None:
+        transport = self.transports[w]
+        for peer, msg in outgoing:
+            transport.send(peer, msg)
+
+    def _start(self, w: int) -> None:
+        """The top of a real loop iteration: apply arrivals, check the stop rules, start a gradient."""
+        worker = self.workers[w]
+        self._send(w, worker.receive(self.transports[w].poll()))
+        t = self.clock.now()
+        reason = stop_reason(
+            worker,
+            t,
+            self._metrics if w == 0 else {},
+            self.policy.max_gradients,
+            self.policy.max_seconds,
+            self.policy.target_accuracy,
+            self.policy.accuracy_metric,
+        )
+        if reason:
+            self._stop(w, reason)
+            return
+        self._snapshot[w] = worker.clock.copy()
+        self._started[w] = t
+        if self._batched is None:
+            self._pending[w] = worker.compute()
+        else:
+            self._inflight[w] = None
+        duration = self.compute_model.duration(w, worker.computed, self._rngs[w])
+        self.events.push(t + duration, EventKind.GRADIENT_DONE, w)
+
+    def _done(self, w: int) -> None:
+        if self._state[w] != _COMPUTING:
+            return  # crashed while computing
+        worker = self.workers[w]
+        if w not in self._pending:
+            self._compute_inflight()
+        gradient = self._pending.pop(w)
+        self.outcome.ledgers[w].record(w, worker.computed, self._started[w], self.clock.now(), gradient.clock)
+        self._send(w, worker.commit(gradient))
+        self._start(w)
+
+    def _compute_inflight(self) -> None:
+        """Gradients of every in-flight worker in vectorised calls (their replicas cannot change before)."""
+        assert self._batched is not None
+        ranks = list(self._inflight)
+        self._inflight.clear()
+        batches = [self.samplers[r].next() for r in ranks]
+        grads, losses = self._batched.compute([self.workers[r].params for r in ranks], batches)
+        for r, g, loss in zip(ranks, grads, losses):
+            snapshot = self._snapshot[r]
+            assert snapshot is not None
+            self._pending[r] = Gradient(g, snapshot, loss)
+
+    def _stop(self, w: int, reason: str) -> None:
+        worker = self.workers[w]
+        if reason != "stop_requested":
+            self._send(w, worker.request_stop())
+        self._send(w, worker.finish())
+        self._state[w] = _DRAINING
+        self.outcome.stop_reason[w] = reason
+        self.outcome.train_end[w] = self.clock.now()
+        if all(s != _COMPUTING for s in self._state):
+            self._drain_deadline = self.clock.now() + self.policy.drain_timeout
+        self._check_drained(w)
+
+    def _check_drained(self, w: int) -> None:
+        worker = self.workers[w]
+        for peer in self.net.stats[w].dead_peers:
+            worker.declare_dead(peer)
+        if worker.complete:
+            self._state[w] = _DONE
+            self.outcome.drained[w] = True
+            self.outcome.drain_end[w] = self.clock.now()
+            return
+        nxt = self.net.next_arrival(w)
+        if nxt is not None and nxt < self._wake_at[w]:
+            self._wake_at[w] = nxt
+            self.events.push(nxt, EventKind.WAKE, w)
+
+    def _on_arrival(self, dst: int, time: float) -> None:
+        if self._state[dst] == _DRAINING and time < self._wake_at[dst]:
+            self._wake_at[dst] = time
+            self.events.push(time, EventKind.WAKE, dst)
+
+    def _wake(self, w: int) -> None:
+        if self._state[w] != _DRAINING or self.clock.now() < self._wake_at[w]:
+            return  # a stale wake-up: an earlier one was scheduled after it
+        self._wake_at[w] = math.inf
+        self._send(w, self.workers[w].receive(self.transports[w].poll()))
+        self._check_drained(w)
+
+    def _crash(self, w: int) -> None:
+        if self._state[w] in (_DONE, _DEAD):
+            return
+        if self._state[w] == _COMPUTING and math.isnan(self.outcome.train_end[w]):
+            self.outcome.train_end[w] = self.clock.now()
+        self._state[w] = _DEAD
+        self.outcome.crashed[w] = True
+        self.outcome.stop_reason[w] = "crashed"
+        self._pending.pop(w, None)
+        self._inflight.pop(w, None)
+        self.net.crash(w)
+        if all(s != _COMPUTING for s in self._state):
+            self._drain_deadline = min(self._drain_deadline, self.clock.now() + self.policy.drain_timeout)
+
+    def _evaluate(self) -> None:
+        if self._state[0] == _DEAD:
+            return
+        worker = self.workers[0]
+        self._metrics = self.task.evaluate(worker.model, full=False)
+        t = self.clock.now()
+        self.outcome.evals.append({"worker": 0, "time": t, "gradients": worker.applied, **self._metrics})
+        if self._state[0] == _COMPUTING:
+            self.events.push(t + self.policy.eval_every, EventKind.EVALUATE)
+
+    def _progress(self) -> dict:
+        return {
+            "time": self.clock.now(),
+            "computed": sum(w.computed for w in self.workers),
+            "applied": self.workers[0].applied,
+            "training": sum(s == _COMPUTING for s in self._state),
+            **{k: v for k, v in self._metrics.items() if isinstance(v, float)},
+        }

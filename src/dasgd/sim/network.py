@@ -1,0 +1,232 @@
+"""The simulated network: FIFO links with latency, bandwidth, loss and outages, and Transport endpoints.
+
+A link that is free sends a message at once: it is busy for ``bytes / bandwidth`` and the message arrives a
+latency later, never before the message ahead of it (FIFO, as a TCP connection). While a link is busy or
+down, new messages wait in the same :class:`CoalescingQueue` the real transport uses, so a slow link gets
+gradients summed exactly as a slow peer does in a real run. Arrivals wait in each receiver's inbox until
+the worker polls, at the start of its next step.
+
+Endpoints implement the Transport protocol, so the worker and the loop policy cannot tell this from Gloo.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Callable
+
+import numpy as np
+
+from dasgd.core.message import Message
+from dasgd.core.wire import encoded_size
+from dasgd.sim.events import EventKind, EventQueue
+from dasgd.sim.models import NetworkModel
+from dasgd.transport.base import TransportStats
+from dasgd.transport.queue import CoalescingQueue
+
+__all__ = ["SimNetwork", "SimTransport"]
+
+
+class _Link:
+    __slots__ = ("free_at", "last_arrival", "queue", "event_pending", "down_until", "rng", "model")
+
+    def __init__(self, rng: np.random.Generator, model) -> None:
+        self.free_at = 0.0
+        self.last_arrival = 0.0
+        self.queue: CoalescingQueue | None = None  # created only while the link is busy or down
+        self.event_pending = False
+        self.down_until = 0.0
+        self.rng = rng
+        self.model = model
+
+
+class SimNetwork:
+    """All links between ``n`` simulated workers.
+
+    Args:
+        n: number of workers.
+        model: latency, bandwidth, loss.
+        events: the engine's event queue (for LINK_FREE events of busy links).
+        now: the virtual clock's ``now``.
+        on_arrival: called as ``on_arrival(dst, time)`` when a message is scheduled to reach ``dst``.
+        seed: the run seed (each link draws from its own generator derived from it).
+    """
+
+    def __init__(
+        self,
+        n: int,
+        model: NetworkModel,
+        events: EventQueue,
+        now: Callable[[], float],
+        on_arrival: Callable[[int, float], None],
+        seed: int,
+    ) -> None:
+        self.n = n
+        self.model = model
+        self._events = events
+        self._now = now
+        self._on_arrival = on_arrival
+        self._seed = seed
+        self._links: dict[tuple[int, int], _Link] = {}
+        self._inboxes: list[list[tuple[float, int, Message]]] = [[] for _ in range(n)]
+        self._seq = 0
+        self.crashed = np.zeros(n, dtype=bool)
+        self.stats = [TransportStats() for _ in range(n)]
+        self.lost_messages = 0
+        self.lost_gradients = 0
+        self.retransmissions = 0
+        self._outages: dict[tuple[int, int], list[tuple[float, float]]] = {}
+
+    def endpoint(self, rank: int) -> SimTransport:
+        return SimTransport(self, rank)
+
+    # -- links ------------------------------------------------------------------------------------------
+    def _link(self, src: int, dst: int) -> _Link:
+        link = self._links.get((src, dst))
+        if link is None:
+            # Per-link generators: a link's draws do not depend on what other links did before.
+            rng = np.random.default_rng([self._seed, 7, src, dst])
+            link = self._links[(src, dst)] = _Link(rng, self.model.link(src, dst))
+        return link
+
+    def send(self, src: int, dst: int, msg: Message) -> None:
+        """Put ``msg`` on the link src -> dst now (or queue it while the link is busy or down)."""
+        if self.crashed[dst]:
+            # A real sender sees "connection closed by peer" on its next send to a dead process.
+            self.stats[src].dead_peers.add(dst)
+            self.stats[src].undelivered += 1
+            return
+        link = self._link(src, dst)
+        t = self._now()
+        link.down_until = self._up_at(src, dst, t)
+        if link.queue is None and t >= link.free_at and t >= link.down_until:
+            self._transmit(src, dst, link, msg, t)
+            return
+        if link.queue is None:
+            link.queue = CoalescingQueue()
+        link.queue.put(msg)
+        self._schedule_link(src, dst, link)
+
+    def _schedule_link(self, src: int, dst: int, link: _Link) -> None:
+        if not link.event_pending:
+            link.event_pending = True
+            self._events.push(max(link.free_at, link.down_until, self._now()), EventKind.LINK_FREE, src, dst)
+
+    def link_free(self, src: int, dst: int) -> None:
+        """A LINK_FREE event: send the next queued message if the link is usable now."""
+        link = self._links[(src, dst)]
+        link.event_pending = False
+        t = self._now()
+        if link.queue is None:
+            return
+        link.down_until = self._up_at(src, dst, t)
+        if t < link.free_at or t < link.down_until:
+            self._schedule_link(src, dst, link)
+            return
+        if self.crashed[dst]:
+            for _ in link.queue.drain():
+                self.stats[src].undelivered += 1
+            self.stats[src].dead_peers.add(dst)
+            link.queue = None
+            return
+        msg = link.queue.take(timeout=0)
+        link.queue.done()
+        if msg is not None:
+            self._transmit(src, dst, link, msg, t)
+        if len(link.queue):
+            self._schedule_link(src, dst, link)
+        else:
+            self.stats[src].coalesced += link.queue.stats.coalesced
+            link.queue = None
+
+    def add_outage(self, a: int, b: int, start: float, end: float) -> None:
+        """Both directions of link a-b are down in [start, end)."""
+        for s, d in ((a, b), (b, a)):
+            self._outages.setdefault((s, d), []).append((start, end))
+
+    def _up_at(self, src: int, dst: int, t: float) -> float:
+        """The first time >= t at which link src -> dst is up."""
+        spans = self._outages.get((src, dst))
+        if not spans:
+            return t
+        moved = True
+        while moved:
+            moved = False
+            for start, end in spans:
+                if start <= t < end:
+                    t, moved = end, True
+        return t
+
+    def _transmit(self, src: int, dst: int, link: _Link, msg: Message, t: float) -> None:
+        nbytes = encoded_size(
+            0 if msg.payload is None else msg.payload.numel(),
+            None if msg.payload is None else msg.payload.dtype,
+            0 if msg.clock is None else len(msg.clock),
+            False,
+        )
+        busy = link.model.transfer(nbytes)
+        link.free_at = t + busy
+        st = self.stats[src]
+        st.sent_messages += 1
+        st.sent_bytes += nbytes
+        extra = 0.0
+        if self.model.loss > 0:
+            while link.rng.random() < self.model.loss:
+                if self.model.loss_mode == "count":
+                    self.lost_messages += 1
+                    self.lost_gradients += msg.count
+                    return
+                self.retransmissions += 1
+                extra += self.model.retransmit_after + busy
+        arrival = max(link.last_arrival, t + busy + link.model.delay(link.rng) + extra)
+        link.last_arrival = arrival
+        heapq.heappush(self._inboxes[dst], (arrival, self._seq, msg))
+        self._seq += 1
+        self._on_arrival(dst, arrival)
+
+    # -- inboxes ----------------------------------------------------------------------------------------
+    def poll(self, rank: int) -> list[Message]:
+        """Messages that have reached ``rank`` by now, in arrival order."""
+        inbox, t, out = self._inboxes[rank], self._now(), []
+        while inbox and inbox[0][0] <= t:
+            out.append(heapq.heappop(inbox)[2])
+        self.stats[rank].received_messages += len(out)
+        return out
+
+    def next_arrival(self, rank: int) -> float | None:
+        """When the next queued message reaches ``rank`` (None if none is on its way)."""
+        inbox = self._inboxes[rank]
+        return inbox[0][0] if inbox else None
+
+    def crash(self, rank: int) -> None:
+        """``rank`` dies: its inbox is dropped and nothing more reaches it."""
+        self.crashed[rank] = True
+        self._inboxes[rank].clear()
+
+
+class SimTransport:
+    """One simulated worker's endpoint (the Transport protocol)."""
+
+    def __init__(self, network: SimNetwork, rank: int) -> None:
+        self._net = network
+        self.rank = rank
+        self.world_size = network.n
+
+    def send(self, peer: int, msg: Message) -> None:
+        if not 0 <= peer < self.world_size or peer == self.rank:
+            raise ValueError(f"worker {self.rank} cannot send to peer {peer} (world size {self.world_size})")
+        self._net.send(self.rank, peer, msg)
+
+    def poll(self) -> list[Message]:
+        return self._net.poll(self.rank)
+
+    def wait(self, timeout: float) -> bool:
+        raise RuntimeError("the simulator drives workers by events; nothing waits on a simulated transport")
+
+    def flush(self, timeout: float) -> bool:
+        return True  # queued messages leave by LINK_FREE events
+
+    def stats(self) -> TransportStats:
+        return self._net.stats[self.rank]
+
+    def close(self) -> None:
+        pass
