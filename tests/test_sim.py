@@ -1,0 +1,228 @@
+"""The simulator: deterministic, drives the real Worker objects, batched gradients change nothing."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dasgd.experiments.spec import resolve_spec
+from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
+from dasgd.runtime.simulate import compute_model, network_model, simulate
+from dasgd.sim.engine import Simulation, StopPolicy
+from dasgd.sim.events import EventKind, EventQueue
+from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel
+from dasgd.worker.worker import Worker
+
+
+def quad_spec(**kw):
+    base = dict(task="quadratic", workers=6, max_gradients=300, dim=10, noise=0.5, seed=3)
+    base.update(kw)
+    return resolve_spec({}, simulate=True, **base)
+
+
+def run_engine(spec, batched=False):
+    task = build_task(spec)
+    resolved = resolve(spec)
+    samplers = [build_sampler(spec, r, task, resolved) for r in range(spec.workers)]
+    workers = [
+        build_worker(spec, r, task, resolved, send_clock=False, sampler=samplers[r])
+        for r in range(spec.workers)
+    ]
+    sim = spec.simulation
+    policy = StopPolicy(
+        spec.max_gradients,
+        spec.max_seconds,
+        spec.target_accuracy,
+        task.accuracy_metric,
+        spec.eval_every,
+        spec.drain_timeout,
+    )
+    engine = Simulation(
+        workers,
+        samplers,
+        task,
+        compute_model(spec),
+        network_model(spec),
+        FailurePlan(sim.crashes, sim.crash_rate, sim.link_down),
+        policy,
+        spec.seed,
+        batched=batched,
+    )
+    return engine, engine.run()
+
+
+def test_event_queue_breaks_ties_by_scheduling_order():
+    q = EventQueue()
+    for w in (3, 1, 2):
+        q.push(1.0, EventKind.WAKE, w)
+    q.push(0.5, EventKind.WAKE, 9)
+    assert [q.pop()[2] for _ in range(4)] == [9, 3, 1, 2]
+
+
+def test_same_spec_and_seed_give_a_byte_identical_event_log(tmp_path):
+    spec = quad_spec(
+        simulation={"compute": "lognormal", "latency_sigma": 0.5, "straggler_share": 0.3, "slowdown": 4}
+    )
+    simulate(spec, tmp_path / "a")
+    simulate(spec, tmp_path / "b")
+    a = (tmp_path / "a" / "events.jsonl").read_bytes()
+    assert a == (tmp_path / "b" / "events.jsonl").read_bytes()
+    other = quad_spec(seed=4, simulation={"compute": "lognormal", "latency_sigma": 0.5})
+    simulate(other, tmp_path / "c")
+    assert a != (tmp_path / "c" / "events.jsonl").read_bytes()
+
+
+def test_simulated_run_is_exactly_once_and_drains_to_agreeing_replicas(tmp_path):
+    s = simulate(quad_spec(topology="ring", simulation={"latency": 0.003, "bandwidth": 5e3}), tmp_path / "r")
+    assert s["time_unit"] == "virtual"
+    assert s["gradients_lost"] == 0 and s["exactly_once"] and s["replicas_agree"] and s["drained"]
+    assert s["gradients_applied"] == [s["gradients_computed"]] * 6
+    # A slow link (5e3 B/s: 27 ms for a 136-byte message) is busy longer than a 10 ms step: coalescing.
+    assert sum(w["coalesced"] for w in s["per_worker"]) > 0
+    for name in ("events.jsonl", "metrics.csv", "summary.json", "report.md", "plots/staleness.png"):
+        assert (tmp_path / "r" / name).exists()
+
+
+def test_batched_and_one_by_one_gradients_give_the_same_run():
+    spec = resolve_spec({}, simulate=True, task="digits-logreg", workers=5, max_gradients=200, seed=1)
+    e1, o1 = run_engine(spec, batched=False)
+    e2, o2 = run_engine(spec, batched=True)
+    for w in range(5):
+        a, b = o1.ledgers[w].arrays(), o2.ledgers[w].arrays()
+        for x, y in zip(a, b):
+            assert np.array_equal(x, y)  # same schedule, same clocks
+        torch.testing.assert_close(e1.workers[w].params, e2.workers[w].params, rtol=1e-4, atol=1e-5)
+
+
+def test_the_simulator_drives_whatever_algorithm_the_worker_was_given():
+    """No copy of the algorithm inside the simulator: a plug-in defined here runs unchanged."""
+    calls = {"local": 0, "remote": 0}
+
+    class HalfStepRemote:
+        name = "half-remote"
+        faithful = False
+
+        def local_update(self, params, grad, lr):
+            calls["local"] += 1
+            params.add_(grad, alpha=-lr)
+
+        def remote_update(self, params, grad_sum, lr, count):
+            calls["remote"] += 1
+            params.add_(grad_sum, alpha=-lr / 2)
+
+    spec = quad_spec(workers=3, max_gradients=60)
+    task = build_task(spec)
+    resolved = resolve(spec)
+    samplers = [build_sampler(spec, r, task, resolved) for r in range(3)]
+    workers = []
+    for r in range(3):
+        w = build_worker(spec, r, task, resolved, send_clock=False, sampler=samplers[r])
+        w.algorithm = HalfStepRemote()
+        workers.append(w)
+    Simulation(
+        workers,
+        samplers,
+        task,
+        compute_model(spec),
+        network_model(spec),
+        FailurePlan(),
+        StopPolicy(max_gradients=60),
+        seed=0,
+    ).run()
+    assert calls["local"] == sum(w.computed for w in workers)
+    assert calls["remote"] > 0
+    assert isinstance(workers[0], Worker)
+
+
+def test_a_straggler_computes_proportionally_less():
+    spec = quad_spec(
+        workers=4,
+        max_seconds=2.0,
+        max_gradients=None,
+        stragglers=["2x4"],
+        simulation={"compute_time": 0.01, "latency": 0.0},
+    )
+    engine, out = run_engine(spec)
+    computed = [w.computed for w in engine.workers]
+    fast = np.mean([computed[r] for r in (0, 1, 3)])
+    assert math.isclose(computed[2] * 4, fast, rel_tol=0.05)
+    assert all(out.drained)
+
+
+def test_a_crash_is_survived_and_its_undelivered_gradients_are_reported(tmp_path):
+    spec = quad_spec(
+        workers=4, max_seconds=1.0, max_gradients=None, simulation={"crashes": ["1@0.5"], "latency": 0.02}
+    )
+    s = simulate(spec, tmp_path / "c")
+    assert s["dead_workers"] == [1]
+    assert s["drained"]
+    assert s["simulation"]["crashed_workers"] == [1]
+    assert all(w["computed"] > 60 for w in s["per_worker"])  # survivors trained to the end of the budget
+
+
+def test_link_outage_delays_but_loses_nothing_and_loss_with_retransmission_loses_nothing(tmp_path):
+    down = simulate(quad_spec(simulation={"link_down": ["0-1@0.1-0.6"]}), tmp_path / "d")
+    lossy = simulate(quad_spec(simulation={"loss": 0.2}), tmp_path / "l")
+    for s in (down, lossy):
+        assert s["gradients_lost"] == 0 and s["replicas_agree"]
+    assert lossy["simulation"]["retransmissions"] > 0
+    base = simulate(quad_spec(), tmp_path / "b")
+    assert down["staleness"]["s_max"] > base["staleness"]["s_max"]
+
+
+def test_counted_loss_is_reported_as_lost_gradients(tmp_path):
+    s = simulate(
+        quad_spec(drain_timeout=1.0, simulation={"loss": 0.05, "loss_mode": "count"}), tmp_path / "x"
+    )
+    assert s["simulation"]["messages_lost"] > 0
+    assert s["gradients_lost"] > 0
+    assert not s["replicas_agree"]
+
+
+def test_network_model_transfer_and_latency():
+    link = LinkModel(latency=0.01, bandwidth=1000.0)
+    assert link.transfer(500) == 0.5
+    assert link.delay(np.random.default_rng(0)) == 0.01
+    model = NetworkModel(link, {(0, 1): LinkModel(latency=0.5)})
+    assert model.link(0, 1).latency == 0.5 and model.link(1, 0).latency == 0.01
+    lognormal = ComputeModel("lognormal", mean=0.02, sigma=0.7)
+    rng = np.random.default_rng(0)
+    draws = [lognormal.duration(0, i, rng) for i in range(20000)]
+    assert abs(np.mean(draws) - 0.02) < 0.001  # the mean, not the median, is the parameter
+
+
+def test_trace_compute_model_replays_a_real_runs_step_times(tmp_path):
+    from dasgd.sim.models import read_step_trace
+
+    events = tmp_path / "events.jsonl"
+    events.write_text(
+        '{"type": "gradient", "origin": 0, "index": 0, "start": 0.0, "end": 0.5, "clock": [0, 0]}\n'
+        '{"type": "gradient", "origin": 1, "index": 0, "start": 0.0, "end": 0.25, "clock": [0, 0]}\n'
+        '{"type": "gradient", "origin": 0, "index": 1, "start": 0.5, "end": 0.6, "clock": [1, 0]}\n'
+    )
+    traces = read_step_trace(events)
+    assert traces == ((0.5, 0.09999999999999998), (0.25,))
+    model = ComputeModel("trace", traces=traces)
+    rng = np.random.default_rng(0)
+    assert [model.duration(0, i, rng) for i in range(3)] == [0.5, 0.09999999999999998, 0.5]
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [{"loss": 1.5}, {"compute": "weird"}, {"crashes": ["9@1"]}, {"bogus": 1}, {"link_down": ["0-1@3-2"]}],
+)
+def test_bad_simulation_values_name_their_key(bad):
+    from dasgd.experiments.spec import SpecError
+
+    with pytest.raises(SpecError):
+        quad_spec(simulation=bad)
+
+
+def test_path_of_run_dir_is_written(tmp_path: Path):
+    s = simulate(quad_spec(workers=2, max_gradients=20), tmp_path / "tiny")
+    assert (tmp_path / "tiny" / "spec.yaml").read_text().count("simulation") == 1
+    assert s["simulation"]["peak_memory_mb"] > 0
