@@ -82,6 +82,61 @@ _SPEC_KEYS = (
 )
 
 
+def _add_simulation_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("simulation (virtual seconds; see docs/simulator.md)")
+    g.add_argument("--compute", help="compute-time model: constant (default) | lognormal | trace")
+    g.add_argument("--compute-time", type=float, metavar="S", help="mean seconds per gradient (default 0.01)")
+    g.add_argument("--compute-sigma", type=float, metavar="X", help="lognormal: spread of log step time")
+    g.add_argument("--trace", metavar="FILE", help="trace: a run's events.jsonl or one duration per line")
+    g.add_argument("--straggler-share", type=float, metavar="F", help="share of workers that are stragglers")
+    g.add_argument("--slowdown", type=float, metavar="F", help="the stragglers' slowdown factor (>= 1)")
+    g.add_argument("--latency", type=float, metavar="S", help="mean one-way message latency (default 0.001)")
+    g.add_argument("--latency-sigma", type=float, metavar="X", help="log-normal spread of the latency")
+    g.add_argument("--bandwidth", type=float, metavar="BYTES_PER_S", help="per link (default unlimited)")
+    g.add_argument("--loss", type=float, metavar="P", help="probability that one transmission is lost")
+    g.add_argument("--loss-mode", help="retransmit (default: delayed, nothing lost) | count (gone, counted)")
+    g.add_argument(
+        "--retransmit-after", type=float, metavar="S", help="retransmission timeout (default 0.01)"
+    )
+    g.add_argument(
+        "--crash", action="append", metavar="W@T", help="worker W crashes at T, e.g. 3@1.5 (repeatable)"
+    )
+    g.add_argument("--crash-rate", type=float, metavar="R", help="crashes per worker per second")
+    g.add_argument(
+        "--link-down", action="append", metavar="A-B@S-E", help="link A-B down from S to E (repeatable)"
+    )
+    g.add_argument("--no-batched", action="store_true", help="compute gradients one by one (same results)")
+    g.add_argument(
+        "--sweep",
+        action="append",
+        metavar="KEY=V1,V2",
+        help="sweep a spec or simulation key over values (repeatable: the grid is the product)",
+    )
+    g.add_argument(
+        "--target-loss",
+        type=float,
+        metavar="X",
+        help="report gradients and virtual time until the evaluated loss first reaches X (not a stop rule)",
+    )
+
+
+_SIM_FLAGS = (
+    "compute",
+    "compute_time",
+    "compute_sigma",
+    "trace",
+    "straggler_share",
+    "slowdown",
+    "latency",
+    "latency_sigma",
+    "bandwidth",
+    "loss",
+    "loss_mode",
+    "retransmit_after",
+    "crash_rate",
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The argument parser of every command."""
     parser = _Parser(prog="dasgd", description="Decentralized asynchronous SGD on PyTorch.")
@@ -95,19 +150,43 @@ def build_parser() -> argparse.ArgumentParser:
     _add_spec_flags(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
+    simulate = sub.add_parser(
+        "simulate",
+        help="run the same spec in the discrete-event simulator (virtual time, many workers)",
+        description="Run DASGD's real workers in virtual time: compute times, network and failures come "
+        "from the simulation flags (or the spec file's simulation: section). With --sweep, run a grid of "
+        "simulations and write one table and plots. See docs/simulator.md.",
+    )
+    _add_spec_flags(simulate)
+    _add_simulation_flags(simulate)
+    simulate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    simulate.add_argument("--json", action="store_true", help="print the summary (a sweep: its rows) as JSON")
     report = sub.add_parser("report", help="rebuild metrics.csv, plots and report.md of a run directory")
     report.add_argument("run_dir", metavar="RUN_DIR")
     return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    overrides = {k: getattr(args, k) for k in _SPEC_KEYS}
+    if args.straggler:
+        overrides["stragglers"] = list(args.straggler)
+    return overrides
 
 
 def _spec_from_args(args: argparse.Namespace) -> Any:
     from dasgd.experiments.spec import load_spec_file, resolve_spec
 
     values = load_spec_file(args.spec) if args.spec else {}
-    overrides = {k: getattr(args, k) for k in _SPEC_KEYS}
-    if args.straggler:
-        overrides["stragglers"] = list(args.straggler)
-    return resolve_spec(values, **overrides)
+    return resolve_spec(values, **_overrides(args))
+
+
+def _simulation_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """The simulation flags as a mapping merged over the spec file's simulation section."""
+    sim = {k: getattr(args, k) for k in _SIM_FLAGS}
+    sim["crashes"] = list(args.crash) if args.crash else None
+    sim["link_down"] = list(args.link_down) if args.link_down else None
+    sim["batched"] = False if args.no_batched else None
+    return sim
 
 
 def _default_run_dir(task: str) -> Path:
@@ -214,6 +293,188 @@ def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:
     return EXIT_OK
 
 
+def _simulation_progress(spec: Any, enabled: bool):
+    """A tqdm bar over the run's budget in gradients (or virtual seconds), fed by the simulator."""
+    if not enabled:
+        return None, lambda: None
+    from tqdm import tqdm
+
+    by_gradients = spec.max_gradients is not None or spec.max_seconds is None
+    if by_gradients:
+        bar = tqdm(total=spec.max_gradients, unit="grad", desc="simulating", dynamic_ncols=True)
+    else:
+        bar = tqdm(
+            total=spec.max_seconds,
+            desc="simulating",
+            dynamic_ncols=True,
+            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} virtual s [{elapsed}{postfix}]",
+        )
+
+    def update(progress: dict) -> None:
+        value = progress.get("computed", 0) if by_gradients else progress.get("time", 0.0)
+        bar.n = min(value, bar.total) if bar.total is not None else value
+        post = {"t": f"{progress.get('time', 0.0):.3g}s", "training": progress.get("training", 0)}
+        for key in ("test_accuracy", "loss", "test_loss"):
+            if progress.get(key) is not None:
+                post[key.replace("test_", "")] = f"{progress[key]:.4g}"
+        bar.set_postfix(post, refresh=False)
+        bar.refresh()
+
+    return update, bar.close
+
+
+def _modelled_failures(spec: Any) -> bool:
+    """Whether the simulation section asks for failures that may lose gradients (then a loss is expected)."""
+    sim = spec.simulation
+    return bool(sim.crashes) or sim.crash_rate > 0 or (sim.loss > 0 and sim.loss_mode == "count")
+
+
+def _check_target_loss(args: argparse.Namespace) -> None:
+    import math
+
+    from dasgd.experiments.spec import SpecError
+
+    if args.target_loss is None:
+        return
+    if not (math.isfinite(args.target_loss) and args.target_loss > 0):
+        raise SpecError("--target-loss", f"{args.target_loss:g}: give a positive loss, e.g. 0.05")
+    if args.target_accuracy is not None:
+        raise SpecError(
+            "--target-loss", "give either --target-accuracy or --target-loss as the target, not both"
+        )
+
+
+def _simulate(args: argparse.Namespace) -> int:
+    from dasgd.sim.models import ModelError
+
+    try:
+        if args.sweep:
+            return _sweep(args)
+        return _simulate_one(args)
+    except ModelError as exc:
+        print(f"dasgd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _simulate_one(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from dasgd.experiments.spec import load_spec_file, resolve_spec
+    from dasgd.metrics.report import format_summary, format_value
+    from dasgd.runtime.simulate import simulate
+
+    _check_target_loss(args)
+    values = load_spec_file(args.spec) if args.spec else {}
+    spec = resolve_spec(values, simulate=True, **_overrides(args), simulation=_simulation_overrides(args))
+    run_dir = Path(spec.run_dir) if spec.run_dir else _default_run_dir(f"sim-{spec.task}")
+    spec = dataclasses.replace(spec, run_dir=str(run_dir))
+    update, close = _simulation_progress(spec, not args.no_progress and sys.stderr.isatty())
+    try:
+        summary = simulate(spec, run_dir, on_progress=update)
+    finally:
+        close()
+    if args.target_loss is not None:
+        from dasgd.experiments.sweep import loss_to_target
+        from dasgd.metrics.eventlog import read_event_log
+
+        grads, when = loss_to_target(read_event_log(run_dir / "events.jsonl").evals, args.target_loss)
+        summary["target_loss"] = args.target_loss
+        summary["gradients_to_target"], summary["time_to_target_s"] = grads, when
+    if args.json:
+        print(json.dumps(summary, indent=2, default=str))
+    else:
+        sim = summary.get("simulation", {})
+        print(format_summary(summary))
+        facts = (
+            f"simulation: {format_value(sim.get('events'))} events, virtual end "
+            f"{format_value(sim.get('virtual_end_s'))} s, wall time {format_value(sim.get('wall_time_s'))} s, "
+            f"peak memory {format_value(sim.get('peak_memory_mb'))} MB"
+        )
+        extras = [
+            ("crashed workers", ", ".join(str(w) for w in sim.get("crashed_workers", [])) or None),
+            ("messages lost", sim.get("messages_lost") or None),
+            ("retransmissions", sim.get("retransmissions") or None),
+        ]
+        facts += "".join(f"; {name} {value}" for name, value in extras if value is not None)
+        print(facts)
+        if "gradients_to_target" in summary:
+            target = (
+                f"loss <= {args.target_loss:g}"
+                if args.target_loss is not None
+                else f"accuracy >= {format_value(summary.get('target_accuracy'))}"
+            )
+            print(
+                f"target {target}: {format_value(summary['gradients_to_target'])} gradients, "
+                f"{format_value(summary['time_to_target_s'])} virtual s"
+            )
+        print(f"run directory: {run_dir}  (report: {run_dir / 'report.md'})")
+    problems = []
+    if summary.get("gradients_lost", 0):
+        problems.append(f"{summary['gradients_lost']} gradients are missing from some replica")
+    if not summary.get("replicas_agree", False):
+        problems.append("the replicas do not agree at the end")
+    if not summary.get("drained", True):
+        problems.append("the end-of-run drain did not finish within --drain-timeout")
+    if not problems:
+        return EXIT_OK
+    expected = _modelled_failures(spec)
+    for problem in problems:
+        note = " (expected: the simulation models crashes or counted message loss)" if expected else ""
+        print(f"dasgd: warning: {problem}{note}", file=sys.stderr)
+    return EXIT_OK if expected else EXIT_FAILED
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from dasgd.experiments.spec import load_spec_file, resolve_spec
+    from dasgd.experiments.sweep import format_sweep_table, plan_sweep, run_sweep
+
+    _check_target_loss(args)
+    values = load_spec_file(args.spec) if args.spec else {}
+    overrides = {**_overrides(args), "simulation": _simulation_overrides(args)}
+    # The base spec alone first: its errors name their own flag, not --sweep.
+    base = resolve_spec(values, simulate=True, **{**overrides, "simulation": dict(overrides["simulation"])})
+    run_dir = Path(base.run_dir) if base.run_dir else _default_run_dir(f"sweep-{base.task}")
+    plan = plan_sweep(values, overrides, args.sweep, run_dir, target_loss=args.target_loss)
+    for note in plan.notes:
+        print(f"dasgd: note: {note}", file=sys.stderr)
+    bar = None
+    if not args.no_progress and sys.stderr.isatty():
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(plan.points), unit="point", desc="sweep", dynamic_ncols=True)
+
+    def on_point(point: Any, status: str) -> None:
+        if bar is None:
+            return
+        if status == "running":
+            bar.set_postfix_str(point.name)
+        else:
+            bar.update(1)
+
+    try:
+        outcome = run_sweep(plan, on_point=on_point)
+    finally:
+        if bar is not None:
+            bar.close()
+    if args.json:
+        print(json.dumps(outcome.rows, indent=2, default=str))
+    else:
+        print(format_sweep_table(outcome.rows, [a.key for a in plan.axes]))
+        print(
+            f"{len(outcome.ran)} point(s) simulated, {len(outcome.reused)} reused from an earlier run; "
+            f"table: {run_dir / 'sweep.md'} and {run_dir / 'sweep.csv'}; plots: {run_dir / 'plots'}"
+        )
+    bad = [
+        ",".join(f"{a.key}={row.get(a.key)}" for a in plan.axes)
+        for row in outcome.rows
+        if row.get("gradients_lost") or row.get("replicas_agree") is False
+    ]
+    if bad and not any(_modelled_failures(p.spec) for p in plan.points):
+        print(f"dasgd: warning: lost gradients or disagreeing replicas at {'; '.join(bad)}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK
+
+
 def _report(args: argparse.Namespace) -> int:
     from dasgd.runtime.results import render_run_dir
 
@@ -239,6 +500,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "train":
             return _train(args)
+        if args.command == "simulate":
+            return _simulate(args)
         if args.command == "report":
             return _report(args)
     except (SpecError, DatasetMissing, TaskError, TopologyError) as exc:

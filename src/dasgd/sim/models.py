@@ -152,14 +152,27 @@ class FailurePlan:
         return times
 
 
+def _cycles(records: list[tuple[int, float, float]]) -> list[float]:
+    """A worker's step times: start-to-start intervals (the last one: its own duration).
+
+    The whole cycle, not only the gradient computation: a real step also applies arrived messages and pushes
+    the new gradient, and a simulated worker starts its next step the moment the previous one completes.
+    """
+    records = sorted(records)
+    out = [b[1] - a[1] for a, b in zip(records, records[1:])]
+    out.append(records[-1][2] - records[-1][1])
+    return [max(v, 1e-9) for v in out]
+
+
 def read_step_trace(path: str | Path) -> tuple[tuple[float, ...], ...]:
-    """Step times from a file: a run's ``events.jsonl`` (per-worker end - start of each gradient), or a text
-    file with one duration in seconds per line (one shared trace)."""
+    """Step times from a file: a run's ``events.jsonl`` (per worker, the start-to-start time of its steps), or a
+    text file with one duration in seconds per line (one shared trace)."""
     p = Path(path)
     if not p.is_file():
         raise ModelError(f"trace file {str(p)!r} does not exist")
     if p.name.endswith(".jsonl"):
-        per: dict[int, list[float]] = {}
+        per: dict[int, list[tuple[int, float, float]]] = {}
+        width, last = 0, 0.0
         for lineno, line in enumerate(p.read_text().splitlines(), 1):
             if not line.strip():
                 continue
@@ -168,8 +181,16 @@ def read_step_trace(path: str | Path) -> tuple[tuple[float, ...], ...]:
             except ValueError:
                 raise ModelError(f"{p}:{lineno}: not JSON") from None
             if isinstance(ev, dict) and ev.get("type") == "gradient":
-                per.setdefault(int(ev["origin"]), []).append(float(ev["end"]) - float(ev["start"]))
-        traces: Sequence[list[float]] = [per[k] for k in sorted(per)]
+                per.setdefault(int(ev["origin"]), []).append(
+                    (int(ev["index"]), float(ev["start"]), float(ev["end"]))
+                )
+                width = max(width, len(ev["clock"]))
+                last = max(last, float(ev["end"]))
+        # One trace per rank, in rank order. A worker that completed no gradient in the whole run gets one
+        # step as long as the run, so it stays (almost) silent in the replay too, as it was.
+        traces: Sequence[list[float]] = [
+            _cycles(per[k]) if k in per else [max(last, 1e-9)] for k in range(width)
+        ]
     else:
         values = []
         for lineno, line in enumerate(p.read_text().splitlines(), 1):

@@ -75,6 +75,11 @@ class SimNetwork:
         self.lost_gradients = 0
         self.retransmissions = 0
         self._outages: dict[tuple[int, int], list[tuple[float, float]]] = {}
+        self._sizes: dict[tuple, int] = {}
+        d = model.default
+        self._simple = (
+            not model.overrides and model.loss == 0 and d.latency_sigma == 0 and d.bandwidth == float("inf")
+        )
 
     def endpoint(self, rank: int) -> SimTransport:
         return SimTransport(self, rank)
@@ -84,7 +89,7 @@ class SimNetwork:
         link = self._links.get((src, dst))
         if link is None:
             # Per-link generators: a link's draws do not depend on what other links did before.
-            rng = np.random.default_rng([self._seed, 7, src, dst])
+            rng = np.random.default_rng([self._seed, 7, src, dst])  # only links that need state get one
             link = self._links[(src, dst)] = _Link(rng, self.model.link(src, dst))
         return link
 
@@ -95,8 +100,13 @@ class SimNetwork:
             self.stats[src].dead_peers.add(dst)
             self.stats[src].undelivered += 1
             return
-        link = self._link(src, dst)
         t = self._now()
+        if self._simple and (src, dst) not in self._outages:
+            # Unlimited bandwidth, constant latency, no loss: a link never queues, and FIFO holds because
+            # send times never decrease. No per-link state is needed (thousands of workers: millions of links).
+            self._deliver(src, dst, msg, t, t + self.model.default.latency)
+            return
+        link = self._link(src, dst)
         link.down_until = self._up_at(src, dst, t)
         if link.queue is None and t >= link.free_at and t >= link.down_until:
             self._transmit(src, dst, link, msg, t)
@@ -157,21 +167,15 @@ class SimNetwork:
         return t
 
     def _transmit(self, src: int, dst: int, link: _Link, msg: Message, t: float) -> None:
-        nbytes = encoded_size(
-            0 if msg.payload is None else msg.payload.numel(),
-            None if msg.payload is None else msg.payload.dtype,
-            0 if msg.clock is None else len(msg.clock),
-            False,
-        )
+        nbytes = self._size(msg)
         busy = link.model.transfer(nbytes)
         link.free_at = t + busy
-        st = self.stats[src]
-        st.sent_messages += 1
-        st.sent_bytes += nbytes
         extra = 0.0
         if self.model.loss > 0:
             while link.rng.random() < self.model.loss:
                 if self.model.loss_mode == "count":
+                    self.stats[src].sent_messages += 1
+                    self.stats[src].sent_bytes += nbytes
                     self.lost_messages += 1
                     self.lost_gradients += msg.count
                     return
@@ -179,6 +183,26 @@ class SimNetwork:
                 extra += self.model.retransmit_after + busy
         arrival = max(link.last_arrival, t + busy + link.model.delay(link.rng) + extra)
         link.last_arrival = arrival
+        self._deliver(src, dst, msg, t, arrival, nbytes)
+
+    def _size(self, msg: Message) -> int:
+        key = (
+            0 if msg.payload is None else msg.payload.numel(),
+            None if msg.payload is None else msg.payload.dtype,
+            0 if msg.clock is None else len(msg.clock),
+        )
+        size = self._sizes.get(key)
+        if size is None:
+            size = self._sizes[key] = encoded_size(*key, False)
+        return size
+
+    def _deliver(
+        self, src: int, dst: int, msg: Message, t: float, arrival: float, nbytes: int | None = None
+    ) -> None:
+        """Count the transmission and queue ``msg`` in ``dst``'s inbox for ``arrival``."""
+        st = self.stats[src]
+        st.sent_messages += 1
+        st.sent_bytes += self._size(msg) if nbytes is None else nbytes
         heapq.heappush(self._inboxes[dst], (arrival, self._seq, msg))
         self._seq += 1
         self._on_arrival(dst, arrival)
