@@ -248,6 +248,8 @@ def plan_sweep(
     Raises:
         SpecError: a bad base spec (naming its flag), or a bad sweep (naming ``--sweep`` and the key).
     """
+    from dasgd.runtime.build import resolve
+
     base = resolve_spec(dict(values), simulate=True, **_with_values(overrides, {}))
     parsed = [parse_sweep(s) for s in sweeps]
     if not parsed:
@@ -302,8 +304,8 @@ def plan_sweep(
     grid = itertools.product(*[range(len(a.values)) for a in axes])
     for idx in grid:
         assignment = {a.key: _raw_value(a.key, texts[i]) for a, (_, texts), i in zip(axes, parsed, idx)}
-        labels = tuple((a.key, a.labels[i]) for a, i in zip(axes, idx))
-        name = _UNSAFE.sub("_", ",".join(f"{k}={v}" for k, v in labels))
+        point_labels = tuple((a.key, a.labels[i]) for a, i in zip(axes, idx))
+        name = _UNSAFE.sub("_", ",".join(f"{k}={v}" for k, v in point_labels))
         if name in names:
             raise _sweep_error(f"two points would share the directory {name!r}; give distinct values")
         names.add(name)
@@ -314,9 +316,11 @@ def plan_sweep(
                 simulate=True,
                 **_with_values({**overrides, "run_dir": str(point_dir)}, assignment),
             )
+            resolve(spec)  # the topology for this many workers, which only the whole point can check
         except SpecError as exc:
             raise _sweep_error(f"the point {name}: {exc}") from None
-        points.append(SweepPoint(tuple((a.key, a.values[i]) for a, i in zip(axes, idx)), labels, name, spec))
+        values_at = tuple((a.key, a.values[i]) for a, i in zip(axes, idx))
+        points.append(SweepPoint(values_at, point_labels, name, spec))
     return SweepPlan(run_dir, base, tuple(axes), tuple(points), tuple(notes), target_loss)
 
 

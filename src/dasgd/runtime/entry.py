@@ -113,8 +113,9 @@ def run_process(
         result = WorkerLoop(worker, transport, clock, ledger, config, evaluator, on_progress).run()
         final_metrics = task.evaluate(worker.model, full=True) if rank == 0 else {}
         if rank == 0:
+            # Marked: this one is on the full test set after the drain, the others on a fixed subset.
             result.evals.append(
-                {"worker": 0, "time": clock.now(), "gradients": worker.applied, **final_metrics}
+                {"worker": 0, "time": clock.now(), "gradients": worker.applied, "final": 1.0, **final_metrics}
             )
         origin, index, start, end, clocks = ledger.arrays()
         stats = transport.stats()

@@ -30,7 +30,7 @@ class LoopConfig:
     eval_every: float = 0.5
     """Seconds between evaluations (only when an evaluator is given)."""
     slowdown: float = 1.0
-    """A straggler's factor: after each gradient, wait (slowdown - 1) times the iteration's time so far."""
+    """A straggler's factor: after each gradient computation, wait (slowdown - 1) times its duration."""
     drain_timeout: float = 120.0
     progress_every: float = 0.25
 
@@ -95,7 +95,6 @@ class WorkerLoop:
         next_progress = start
         reason = ""
         while True:
-            t_iter = clock.now()
             send_all(self.transport, w.receive(self.transport.poll()))
             now = clock.now()
             if self.evaluator is not None and now >= next_eval:
@@ -108,9 +107,9 @@ class WorkerLoop:
             gradient = w.compute()
             t1 = clock.now()
             if cfg.slowdown > 1.0:
-                # A straggler's whole iteration (applying arrivals and computing) takes `slowdown` times as
-                # long; its gradient is complete, and leaves, only after that.
-                clock.sleep((cfg.slowdown - 1.0) * (t1 - t_iter))
+                # A straggler computes `slowdown` times slower (slower hardware): its gradient is complete, and
+                # leaves, only after that. Only the computation is scaled, not message handling.
+                clock.sleep((cfg.slowdown - 1.0) * (t1 - t0))
                 t1 = clock.now()
             self.ledger.record(w.rank, w.computed, t0, t1, gradient.clock)
             send_all(self.transport, w.commit(gradient))

@@ -97,6 +97,7 @@ def simulate(
             "worker": evaluator,
             "time": outcome.end_time,
             "gradients": workers[evaluator].applied,
+            "final": 1.0,
             **final_metrics,
         }
     )
