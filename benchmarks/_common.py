@@ -21,10 +21,13 @@ from typing import Any
 
 __all__ = [
     "ChildFailed",
+    "OtherLoad",
     "command_line",
+    "cpu_busy",
     "machine_facts",
     "median",
     "print_header",
+    "report_other_load",
     "run_ranks",
     "write_json",
 ]
@@ -49,6 +52,76 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
+def cpu_busy(seconds: float = 0.5) -> float | None:
+    """Fraction of all cores' time spent busy over the next ``seconds`` (Linux; None elsewhere).
+
+    Measured before a benchmark starts, it shows whether other work shares the machine (this benchmark's
+    numbers then mean little).
+    """
+
+    def sample() -> tuple[int, int]:
+        fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]), idle
+
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    spent = total1 - total0
+    return round(1.0 - (idle1 - idle0) / spent, 3) if spent > 0 else None
+
+
+class OtherLoad:
+    """How much of the machine's CPU other processes used while this benchmark ran (Linux).
+
+    Machine-wide busy time from /proc/stat, less the CPU time of this process and of its waited-for children
+    (every worker and baseline process the benchmarks start). Create it at the start, call
+    :meth:`fraction` at the end.
+    """
+
+    def __init__(self) -> None:
+        self._start = self._sample()
+
+    @staticmethod
+    def _sample() -> tuple[float, float, float] | None:
+        import resource
+
+        try:
+            fields = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:9]]
+            hz = os.sysconf("SC_CLK_TCK")
+        except (OSError, ValueError, IndexError):
+            return None
+        busy = (sum(fields) - fields[3] - fields[4]) / hz  # all but idle and iowait
+        own = 0.0
+        for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN):
+            usage = resource.getrusage(who)
+            own += usage.ru_utime + usage.ru_stime
+        return time.monotonic(), busy, own
+
+    def fraction(self) -> float | None:
+        """Share of all cores' time used by other processes since construction (None if unknown)."""
+        end = self._sample()
+        if self._start is None or end is None:
+            return None
+        wall = end[0] - self._start[0]
+        others = (end[1] - self._start[1]) - (end[2] - self._start[2])
+        cores = os.cpu_count() or 1
+        return round(max(0.0, others) / (wall * cores), 3) if wall > 0 else None
+
+
+def report_other_load(meter: OtherLoad) -> float | None:
+    """Print (and return) the share of the machine other processes used during the run; warn above 10%."""
+    share = meter.fraction()
+    if share is not None:
+        print(f"CPU used by other processes during the run: {share:.0%} of all cores")
+        if share > 0.10:
+            print("WARNING: other work ran during this benchmark; rerun it on an idle machine")
+    return share
+
+
 def machine_facts() -> dict[str, Any]:
     """Cores, CPU model, load, and the versions a reader needs to compare numbers across machines."""
     import torch
@@ -68,6 +141,7 @@ def machine_facts() -> dict[str, Any]:
         "platform": platform.platform(),
         "dasgd": dasgd.__version__,
         "loadavg_1_5_15": [round(x, 2) for x in load],
+        "cpu_busy_before_start": cpu_busy(),
         "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),
     }
 
@@ -80,6 +154,11 @@ def print_header(title: str, facts: dict[str, Any], command: str) -> None:
         f"machine: {facts['cores']} cores ({facts['cpu']}), torch {facts['torch']}, python {facts['python']}, "
         f"dasgd {facts['dasgd']}, load avg {facts['loadavg_1_5_15']}"
     )
+    busy = facts.get("cpu_busy_before_start")
+    if busy is not None:
+        print(f"CPU busy before the start: {busy:.0%} of all cores")
+        if busy > 0.15:
+            print("WARNING: other work is running on this machine; the numbers below will be noisy")
     sys.stdout.flush()
 
 

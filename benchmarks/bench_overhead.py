@@ -31,17 +31,16 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 import _common
+import numpy as np
 
 __all__ = ["main", "plain_child", "run_dasgd", "run_plain"]
 
 BATCH_SIZE = 64
 SEED = 0
-FULL = {"mnist-logreg": (6000, 5), "fashion-cnn": (1500, 3)}
+FULL = {"mnist-logreg": (6000, 5), "fashion-cnn": (1000, 5)}
 """task -> (gradients, repetitions) of the full version."""
-QUICK = {"mnist-logreg": (1500, 3), "fashion-cnn": (150, 2)}
+QUICK = {"mnist-logreg": (1500, 2), "fashion-cnn": (150, 2)}
 GOAL = 1.05
 MEASURES = {"span": "span_s_per_gradient", "wall": "wall_s_per_gradient", "median_cycle": "median_cycle_s"}
 """ratio name -> the per-gradient measure it compares."""
@@ -186,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="short version (< 60 s)")
     parser.add_argument("--out", help="write the results as JSON to this file")
     parser.add_argument("--tasks", default="mnist-logreg,fashion-cnn", help="comma-separated tasks")
-    parser.add_argument(
-        "--reps", type=int, help="alternating repetitions (default: 5 logreg / 3 cnn; quick 3/2)"
-    )
+    parser.add_argument("--reps", type=int, help="alternating repetitions (default: 5 each; quick: 2 each)")
     parser.add_argument("--gradients", type=int, help="gradients per run (default per task)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--result", help=argparse.SUPPRESS)
@@ -203,6 +200,7 @@ def main(argv: list[str] | None = None) -> int:
     command = _common.command_line()
     facts = _common.machine_facts()
     _common.print_header("bench_overhead: 1-worker dasgd vs a plain PyTorch SGD loop", facts, command)
+    meter = _common.OtherLoad()
     plan = QUICK if args.quick else FULL
     t0 = time.perf_counter()
     results = []
@@ -233,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
             f"({verdict} the goal <= {GOAL}x)"
         )
     print(f"elapsed {elapsed:.1f} s")
+    other_load = _common.report_other_load(meter)
     _common.write_json(
         args.out,
         {
@@ -242,6 +241,7 @@ def main(argv: list[str] | None = None) -> int:
             "quick": args.quick,
             "goal_ratio_max": GOAL,
             "elapsed_s": elapsed,
+            "cpu_used_by_others": other_load,
             "results": results,
         },
     )

@@ -320,7 +320,7 @@ def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:
 def _simulation_progress(spec: Any, enabled: bool):
     """A tqdm bar over the run's budget in gradients (or virtual seconds), fed by the simulator."""
     if not enabled:
-        return None, lambda: None
+        return None, lambda final=None: None
     from tqdm import tqdm
 
     by_gradients = spec.max_gradients is not None or spec.max_seconds is None
@@ -344,7 +344,12 @@ def _simulation_progress(spec: Any, enabled: bool):
         bar.set_postfix(post, refresh=False)
         bar.refresh()
 
-    return update, bar.close
+    def close(final: dict | None = None) -> None:
+        if final is not None:  # progress arrives every few thousand events: show where the run ended
+            update(final)
+        bar.close()
+
+    return update, close
 
 
 def _plain(obj: Any) -> Any:
@@ -410,10 +415,16 @@ def _simulate_one(args: argparse.Namespace) -> int:
     spec = dataclasses.replace(spec, run_dir=str(run_dir))
     _check_trace(spec)
     update, close = _simulation_progress(spec, not args.no_progress and sys.stderr.isatty())
+    summary = None
     try:
         summary = simulate(spec, run_dir, on_progress=update)
     finally:
-        close()
+        sim_facts = (summary or {}).get("simulation", {})
+        close(
+            None
+            if summary is None
+            else {"computed": summary["gradients_computed"], "time": sim_facts.get("virtual_end_s", 0.0)}
+        )
     if args.target_loss is not None:
         from dasgd.experiments.sweep import loss_to_target
         from dasgd.metrics.eventlog import read_event_log

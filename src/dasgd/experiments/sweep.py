@@ -328,9 +328,12 @@ def loss_to_target(evals: Sequence[Mapping[str, Any]], target: float) -> tuple[i
     """Gradients held and time at the first evaluation whose loss is at most ``target`` (None if never).
 
     The loss is ``test_loss`` where the task reports it, else ``loss`` (the quadratic's f(x) - f*). The
-    resolution is the run's evaluation interval (``eval_every``, virtual seconds in a simulation).
+    resolution is the run's evaluation interval (``eval_every``, virtual seconds in a simulation). The
+    end-of-run evaluation (marked ``final``) comes after training stopped, so it never counts as reaching it.
     """
     for ev in sorted(evals, key=lambda e: (float(e["time"]), int(e["gradients"]))):
+        if ev.get("final"):
+            continue
         value = ev.get("test_loss", ev.get("loss"))
         if value is not None and math.isfinite(float(value)) and float(value) <= target:
             return int(ev["gradients"]), float(ev["time"])
