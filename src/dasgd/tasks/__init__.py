@@ -35,7 +35,7 @@ __all__ = [
 
 TASK_NAMES: tuple[str, ...] = ("quadratic", "mnist-logreg", "digits-logreg", "fashion-cnn")
 
-_DEFAULT_LR = {"quadratic": 0.5, "mnist-logreg": 0.2, "digits-logreg": 0.5, "fashion-cnn": 0.05}
+_DEFAULT_LR = {"quadratic": 0.5, "mnist-logreg": 0.05, "digits-logreg": 0.5, "fashion-cnn": 0.05}
 _DEFAULT_BATCH_SIZE = {"quadratic": 64, "mnist-logreg": 64, "digits-logreg": 64, "fashion-cnn": 64}
 _QUADRATIC_OPTIONS = ("dim", "noise", "condition", "seed")
 
