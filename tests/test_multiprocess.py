@@ -215,3 +215,25 @@ def test_gloo_transport_rejects_untrusted_bytes_and_delivers_valid_ones(tmp_path
     assert sum(result["rejected"].values()) == 6, result["rejected"]
     assert result["rejected"].get("unknown_sender") == 1
     assert result["receiver_ended"]
+
+
+@pytest.mark.parametrize(
+    ("task", "extra", "check"),
+    [
+        ("quadratic", {"lr": 0.05}, lambda m: m["loss"] < 5.0),
+        ("digits-logreg", {}, lambda m: m["test_accuracy"] > 0.8),
+        ("mnist-logreg", {}, lambda m: m["test_accuracy"] > 0.7),
+        ("fashion-cnn", {}, lambda m: m["test_accuracy"] > 0.4),
+    ],
+)
+def test_every_task_trains_end_to_end_with_real_processes(tmp_path, task, extra, check):
+    from dasgd.tasks import DatasetMissing, make_task
+
+    try:
+        make_task(task)
+    except DatasetMissing as exc:
+        pytest.skip(str(exc))
+    s = dasgd.train(task=task, workers=2, max_gradients=300, run_dir=str(tmp_path / task), **extra)
+    assert s["gradients_lost"] == 0 and s["replicas_agree"]
+    assert check(s["final_metrics"]), s["final_metrics"]
+    assert (tmp_path / task / "report.md").exists()
