@@ -101,7 +101,10 @@ class Simulation:
         self.policy = policy
         self.clock = VirtualClock()
         self.events = EventQueue()
-        self.net = SimNetwork(n, network, self.events, self.clock.now, self._on_arrival, seed)
+        self.net = SimNetwork(
+            n, network, self.events, self.clock.now, self._on_arrival, seed, on_broadcast=self._on_broadcast
+        )
+        self._draining: set[int] = set()
         self.transports = [self.net.endpoint(r) for r in range(n)]
         self._rngs = [np.random.default_rng([seed, 3, r]) for r in range(n)]
         self._failure_rng = np.random.default_rng([seed, 5])
@@ -168,8 +171,22 @@ class Simulation:
 
     def _send(self, w: int, outgoing: list[Outgoing]) -> None:
         transport = self.transports[w]
-        for peer, msg in outgoing:
-            transport.send(peer, msg)
+        everyone = len(self.workers) - 1
+        i = 0
+        while i < len(outgoing):
+            msg = outgoing[i][1]
+            # One message object to all peers (a complete graph's push): one broadcast-log entry instead of
+            # n - 1 inbox entries, where the network allows it. Same arrivals, same order.
+            if (
+                everyone > 1
+                and i + everyone <= len(outgoing)
+                and outgoing[i + everyone - 1][1] is msg
+                and self.net.broadcast(w, msg)
+            ):
+                i += everyone
+                continue
+            transport.send(outgoing[i][0], msg)
+            i += 1
 
     def _start(self, w: int) -> None:
         """The top of a real loop iteration: apply arrivals, check the stop rules, start a gradient."""
@@ -224,8 +241,9 @@ class Simulation:
         worker = self.workers[w]
         if reason != "stop_requested":
             self._send(w, worker.request_stop())
-        self._send(w, worker.finish())
         self._state[w] = _DRAINING
+        self._draining.add(w)
+        self._send(w, worker.finish())
         self.outcome.stop_reason[w] = reason
         self.outcome.train_end[w] = self.clock.now()
         if all(s != _COMPUTING for s in self._state):
@@ -238,6 +256,8 @@ class Simulation:
             worker.declare_dead(peer)
         if worker.complete:
             self._state[w] = _DONE
+            self._draining.discard(w)
+            self.net.retire(w)
             self.outcome.drained[w] = True
             self.outcome.drain_end[w] = self.clock.now()
             return
@@ -245,6 +265,11 @@ class Simulation:
         if nxt is not None and nxt < self._wake_at[w]:
             self._wake_at[w] = nxt
             self.events.push(nxt, EventKind.WAKE, w)
+
+    def _on_broadcast(self, src: int, time: float) -> None:
+        for dst in self._draining:
+            if dst != src:
+                self._on_arrival(dst, time)
 
     def _on_arrival(self, dst: int, time: float) -> None:
         if self._state[dst] == _DRAINING and time < self._wake_at[dst]:
@@ -264,6 +289,7 @@ class Simulation:
         if self._state[w] == _COMPUTING and math.isnan(self.outcome.train_end[w]):
             self.outcome.train_end[w] = self.clock.now()
         self._state[w] = _DEAD
+        self._draining.discard(w)
         self.outcome.crashed[w] = True
         self.outcome.stop_reason[w] = "crashed"
         self._pending.pop(w, None)

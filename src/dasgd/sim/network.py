@@ -12,6 +12,7 @@ Endpoints implement the Transport protocol, so the worker and the loop policy ca
 from __future__ import annotations
 
 import heapq
+from bisect import bisect_right
 from collections.abc import Callable
 
 import numpy as np
@@ -59,6 +60,7 @@ class SimNetwork:
         now: Callable[[], float],
         on_arrival: Callable[[int, float], None],
         seed: int,
+        on_broadcast: Callable[[int, float], None] | None = None,
     ) -> None:
         self.n = n
         self.model = model
@@ -76,6 +78,17 @@ class SimNetwork:
         self.retransmissions = 0
         self._outages: dict[tuple[int, int], list[tuple[float, float]]] = {}
         self._sizes: dict[tuple, int] = {}
+        self._last_msg: Message | None = None
+        self._last_size = 0
+        # Broadcast log (simple network only): one entry per message sent to every peer at once, instead of
+        # n - 1 inbox entries. Arrival times never decrease (send times never do, latency is constant), so
+        # each receiver just keeps a cursor into it. Entries every live receiver has read are trimmed.
+        self._on_broadcast = on_broadcast
+        self._log_time: list[float] = []
+        self._log_entry: list[tuple[float, int, int, Message]] = []  # (arrival, seq, src, msg)
+        self._log_base = 0  # log position of _log_time[0]
+        self._cursor = [0] * n
+        self._retired = [False] * n
         d = model.default
         self._simple = (
             not model.overrides and model.loss == 0 and d.latency_sigma == 0 and d.bandwidth == float("inf")
@@ -186,6 +199,9 @@ class SimNetwork:
         self._deliver(src, dst, msg, t, arrival, nbytes)
 
     def _size(self, msg: Message) -> int:
+        # A worker sends one message object to every peer: remember the last one's size.
+        if msg is self._last_msg:
+            return self._last_size
         key = (
             0 if msg.payload is None else msg.payload.numel(),
             None if msg.payload is None else msg.payload.dtype,
@@ -194,6 +210,7 @@ class SimNetwork:
         size = self._sizes.get(key)
         if size is None:
             size = self._sizes[key] = encoded_size(*key, False)
+        self._last_msg, self._last_size = msg, size
         return size
 
     def _deliver(
@@ -208,23 +225,76 @@ class SimNetwork:
         self._on_arrival(dst, arrival)
 
     # -- inboxes ----------------------------------------------------------------------------------------
+    def broadcast(self, src: int, msg: Message) -> bool:
+        """Send ``msg`` from ``src`` to every other worker at once. False (nothing sent) unless the network is
+        simple (no per-link state needed); the caller then sends peer by peer."""
+        if not self._simple or self._outages or self._on_broadcast is None:
+            return False
+        t = self._now()
+        arrival = t + self.model.default.latency
+        st = self.stats[src]
+        live = self.n - 1
+        if self.crashed.any():
+            for dst in np.flatnonzero(self.crashed):
+                if dst != src:
+                    st.dead_peers.add(int(dst))
+                    st.undelivered += 1
+                    live -= 1
+        st.sent_messages += live
+        st.sent_bytes += live * self._size(msg)
+        self._log_time.append(arrival)
+        self._log_entry.append((arrival, self._seq, src, msg))
+        self._seq += 1
+        if len(self._log_time) >= 4096 and len(self._log_time) % 4096 == 0:
+            self._trim()
+        self._on_broadcast(src, arrival)
+        return True
+
+    def _trim(self) -> None:
+        live = [c for c, gone in zip(self._cursor, self._retired) if not gone]
+        upto = min(live) if live else self._log_base + len(self._log_time)
+        drop = upto - self._log_base
+        if drop > 0:
+            del self._log_time[:drop]
+            del self._log_entry[:drop]
+            self._log_base = upto
+
+    def retire(self, rank: int) -> None:
+        """``rank`` will never poll again (drained or dead): it no longer holds the broadcast log back."""
+        self._retired[rank] = True
+
     def poll(self, rank: int) -> list[Message]:
         """Messages that have reached ``rank`` by now, in arrival order."""
-        inbox, t, out = self._inboxes[rank], self._now(), []
+        inbox, t = self._inboxes[rank], self._now()
+        direct = []
         while inbox and inbox[0][0] <= t:
-            out.append(heapq.heappop(inbox)[2])
+            direct.append(heapq.heappop(inbox))
+        start = self._cursor[rank] - self._log_base
+        end = bisect_right(self._log_time, t, lo=start)
+        broadcast = [e for e in self._log_entry[start:end] if e[2] != rank]
+        self._cursor[rank] = end + self._log_base
+        if broadcast and direct:
+            out = [e[-1] for e in heapq.merge(direct, broadcast, key=lambda e: (e[0], e[1]))]
+        else:
+            out = [e[-1] for e in (broadcast or direct)]
         self.stats[rank].received_messages += len(out)
         return out
 
     def next_arrival(self, rank: int) -> float | None:
         """When the next queued message reaches ``rank`` (None if none is on its way)."""
         inbox = self._inboxes[rank]
-        return inbox[0][0] if inbox else None
+        best = inbox[0][0] if inbox else None
+        for entry in self._log_entry[self._cursor[rank] - self._log_base :]:
+            if entry[2] != rank:
+                best = entry[0] if best is None else min(best, entry[0])
+                break
+        return best
 
     def crash(self, rank: int) -> None:
         """``rank`` dies: its inbox is dropped and nothing more reaches it."""
         self.crashed[rank] = True
         self._inboxes[rank].clear()
+        self.retire(rank)
 
 
 class SimTransport:

@@ -161,6 +161,8 @@ class Worker:
                 self.stop_requested = True
             else:
                 continue  # SHUTDOWN is for the transport; MODEL is not used by DASGD
+            if self._complete:
+                continue  # on a complete graph every origin reaches everyone directly: nothing to forward
             children = self.topology.children(msg.origin, self.rank)
             if children:
                 fwd = msg.forwarded_by(self.rank)
