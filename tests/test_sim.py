@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,7 +12,7 @@ import torch
 
 from dasgd.experiments.spec import resolve_spec
 from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
-from dasgd.runtime.simulate import compute_model, network_model, simulate
+from dasgd.runtime.simulate import build_simulation, compute_model, network_model, simulate
 from dasgd.sim.engine import Simulation, StopPolicy
 from dasgd.sim.events import EventKind, EventQueue
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel
@@ -25,32 +26,8 @@ def quad_spec(**kw):
 
 
 def run_engine(spec, batched=False):
-    task = build_task(spec)
-    resolved = resolve(spec)
-    samplers = [build_sampler(spec, r, task, resolved) for r in range(spec.workers)]
-    workers = [
-        build_worker(spec, r, task, resolved, send_clock=False, sampler=samplers[r])
-        for r in range(spec.workers)
-    ]
-    sim = spec.simulation
-    policy = StopPolicy(
-        spec.max_gradients,
-        spec.max_seconds,
-        spec.target_accuracy,
-        task.accuracy_metric,
-        spec.eval_every,
-        spec.drain_timeout,
-    )
-    engine = Simulation(
-        workers,
-        samplers,
-        task,
-        compute_model(spec),
-        network_model(spec),
-        FailurePlan(sim.crashes, sim.crash_rate, sim.link_down),
-        policy,
-        spec.seed,
-        batched=batched,
+    engine, _, _ = build_simulation(
+        dataclasses.replace(spec, simulation=dataclasses.replace(spec.simulation, batched=batched))
     )
     return engine, engine.run()
 

@@ -24,10 +24,9 @@ from dasgd.metrics.shard import WorkerShard
 from dasgd.runtime.build import build_task, build_worker, resolve, secret_key
 from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import LoopConfig, WorkerLoop
-from dasgd.runtime.results import summarize, write_run_outputs
+from dasgd.runtime.results import summarize, worker_shard, write_run_outputs
 from dasgd.runtime.session import DistributedSession
 from dasgd.transport.torchdist import TorchDistTransport
-from dasgd.worker.replica import checksum
 
 __all__ = ["run_process", "PROGRESS_DIR_ENV", "RESULTS_DIR_ENV"]
 
@@ -117,32 +116,19 @@ def run_process(
             result.evals.append(
                 {"worker": 0, "time": clock.now(), "gradients": worker.applied, "final": 1.0, **final_metrics}
             )
-        origin, index, start, end, clocks = ledger.arrays()
-        stats = transport.stats()
-        shard = WorkerShard(
-            origin=origin,
-            index=index,
-            start=start,
-            end=end,
-            clock=clocks,
-            params=worker.params.detach().cpu().numpy().copy(),
-            final_clock=worker.clock.copy(),
-            meta={
-                "rank": rank,
-                "computed": worker.computed,
-                "stop_reason": result.stop_reason,
-                "drained": result.drained,
-                "train_end": result.train_end,
-                "drain_end": result.drain_end,
-                "evals": result.evals,
-                "rejected": dict(worker.rejected),
-                "transport": stats.to_dict(),
-                "param_checksum": checksum(worker.params)[:16],
-                "final_metrics": final_metrics,
-                "task_info": task.describe() if rank == 0 else {},
-                "batch_size": resolved.batch_size,
-                "lr": resolved.lr,
-            },
+        shard = worker_shard(
+            worker,
+            ledger,
+            stop_reason=result.stop_reason,
+            drained=result.drained,
+            train_end=result.train_end,
+            drain_end=result.drain_end,
+            evals=result.evals,
+            transport=transport.stats().to_dict(),
+            final_metrics=final_metrics,
+            task_info=task.describe() if rank == 0 else {},
+            batch_size=resolved.batch_size,
+            lr=resolved.lr,
         )
         if results_dir is not None:
             # Embedded launcher: results go to files, so a dead worker cannot hang a collective; the

@@ -17,7 +17,53 @@ from dasgd.core.ledger import compute_staleness
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 
-__all__ = ["summarize", "write_run_outputs", "replica_tolerance", "render_run_dir"]
+__all__ = ["summarize", "write_run_outputs", "replica_tolerance", "render_run_dir", "worker_shard"]
+
+
+def worker_shard(
+    worker: Any,
+    ledger: Any,
+    *,
+    stop_reason: str,
+    drained: bool,
+    train_end: float,
+    drain_end: float,
+    evals: list[dict],
+    transport: dict,
+    final_metrics: dict,
+    task_info: dict,
+    batch_size: int,
+    lr: float,
+) -> WorkerShard:
+    """One worker's end-of-run result (real or simulated): its gradient records, replica and counters."""
+    from dasgd.worker.replica import checksum
+
+    origin, index, start, end, clocks = ledger.arrays()
+    return WorkerShard(
+        origin=origin,
+        index=index,
+        start=start,
+        end=end,
+        clock=clocks,
+        params=worker.params.detach().cpu().numpy().copy(),
+        final_clock=worker.clock.copy(),
+        meta={
+            "rank": worker.rank,
+            "computed": worker.computed,
+            "stop_reason": stop_reason,
+            "drained": drained,
+            "train_end": train_end,
+            "drain_end": drain_end,
+            "evals": evals,
+            "rejected": dict(worker.rejected),
+            "transport": transport,
+            "param_checksum": checksum(worker.params)[:16],
+            "final_metrics": final_metrics,
+            "task_info": task_info,
+            "batch_size": batch_size,
+            "lr": lr,
+        },
+    )
 
 
 def replica_tolerance(dtype: np.dtype, gradients: int) -> float:

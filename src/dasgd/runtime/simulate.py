@@ -17,14 +17,13 @@ from typing import Any
 import numpy as np
 
 from dasgd.experiments.spec import RunSpec
-from dasgd.metrics.shard import WorkerShard
-from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
-from dasgd.runtime.results import summarize, write_run_outputs
-from dasgd.sim.engine import SimOutcome, Simulation, StopPolicy
+from dasgd.runtime.build import Resolved, build_sampler, build_task, build_worker, resolve
+from dasgd.runtime.results import summarize, worker_shard, write_run_outputs
+from dasgd.sim.engine import Simulation, StopPolicy
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel, read_step_trace
-from dasgd.worker.replica import checksum
+from dasgd.tasks import Task
 
-__all__ = ["simulate", "compute_model", "network_model", "stragglers_of"]
+__all__ = ["build_simulation", "simulate", "compute_model", "network_model", "stragglers_of"]
 
 
 def stragglers_of(spec: RunSpec) -> dict[int, float]:
@@ -53,11 +52,10 @@ def network_model(spec: RunSpec) -> NetworkModel:
     return NetworkModel(default, overrides, sim.loss, sim.loss_mode, sim.retransmit_after)
 
 
-def simulate(
-    spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None
-) -> dict[str, Any]:
-    """Run ``spec`` in the simulator and write its run directory; return the summary."""
-    wall_start = time.perf_counter()
+def build_simulation(
+    spec: RunSpec, on_progress: Callable[[dict], None] | None = None
+) -> tuple[Simulation, Task, Resolved]:
+    """The spec's workers (built as for a real run) inside a ready-to-run simulation engine."""
     task = build_task(spec)
     resolved = resolve(spec)
     samplers = [build_sampler(spec, r, task, resolved) for r in range(spec.workers)]
@@ -88,6 +86,17 @@ def simulate(
         batched=sim.batched,
         on_progress=on_progress,
     )
+    return engine, task, resolved
+
+
+def simulate(
+    spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None
+) -> dict[str, Any]:
+    """Run ``spec`` in the simulator and write its run directory; return the summary."""
+    wall_start = time.perf_counter()
+    engine, task, resolved = build_simulation(spec, on_progress)
+    workers = engine.workers
+    sim = spec.simulation
     outcome = engine.run()
     live = [r for r in range(spec.workers) if not outcome.crashed[r]]
     evaluator = live[0] if live else 0
@@ -102,16 +111,19 @@ def simulate(
         }
     )
     shards = [
-        _shard(
-            r,
+        worker_shard(
             workers[r],
-            outcome,
-            engine.net.stats[r].to_dict(),
-            outcome.evals if r == evaluator else [],
-            final_metrics if r == evaluator else {},
-            task.describe(),
-            resolved.batch_size,
-            resolved.lr,
+            outcome.ledgers[r],
+            stop_reason=outcome.stop_reason[r],
+            drained=outcome.drained[r],
+            train_end=outcome.train_end[r],
+            drain_end=outcome.end_time if math.isnan(outcome.drain_end[r]) else outcome.drain_end[r],
+            evals=outcome.evals if r == evaluator else [],
+            transport=engine.net.stats[r].to_dict(),
+            final_metrics=final_metrics if r == evaluator else {},
+            task_info=task.describe(),
+            batch_size=resolved.batch_size,
+            lr=resolved.lr,
         )
         for r in live
     ]
@@ -132,43 +144,3 @@ def simulate(
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
     write_run_outputs(run_dir, spec, shards, summary)
     return summary
-
-
-def _shard(
-    rank: int,
-    worker,
-    outcome: SimOutcome,
-    transport: dict,
-    evals: list[dict],
-    final_metrics: dict,
-    task_info: dict,
-    batch_size: int,
-    lr: float,
-) -> WorkerShard:
-    origin, index, start, end, clocks = outcome.ledgers[rank].arrays()
-    drain_end = outcome.drain_end[rank]
-    return WorkerShard(
-        origin=origin,
-        index=index,
-        start=start,
-        end=end,
-        clock=clocks,
-        params=worker.params.detach().cpu().numpy().copy(),
-        final_clock=worker.clock.copy(),
-        meta={
-            "rank": rank,
-            "computed": worker.computed,
-            "stop_reason": outcome.stop_reason[rank],
-            "drained": outcome.drained[rank],
-            "train_end": outcome.train_end[rank],
-            "drain_end": drain_end if not math.isnan(drain_end) else outcome.end_time,
-            "evals": evals,
-            "rejected": dict(worker.rejected),
-            "transport": transport,
-            "param_checksum": checksum(worker.params)[:16],
-            "final_metrics": final_metrics,
-            "task_info": task_info,
-            "batch_size": batch_size,
-            "lr": lr,
-        },
-    )
