@@ -39,7 +39,11 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--max-gradients", type=int, help="stop after T gradients in total")
     p.add_argument("--max-seconds", type=float, help="stop after this many seconds of training")
     p.add_argument("--target-accuracy", type=float, help="stop once worker 0's replica reaches it, e.g. 0.9")
-    p.add_argument("--eval-every", type=float, help="seconds between evaluations (default 0.5)")
+    p.add_argument(
+        "--eval-every",
+        type=float,
+        help="seconds between evaluations (default: 0.5 s real, 5 mean step times simulated)",
+    )
     p.add_argument(
         "--straggler",
         action="append",

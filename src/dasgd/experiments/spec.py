@@ -65,8 +65,16 @@ class RunSpec:
     """Stop after this many seconds of training."""
     target_accuracy: float | None = None
     """Stop once the evaluated replica reaches this test accuracy."""
-    eval_every: float = 0.5
-    """Seconds between evaluations of worker 0's replica."""
+    eval_every: float | None = None
+    """Seconds between evaluations of worker 0's replica; None: 0.5 s in real runs, and in a simulation
+    five mean step times of virtual time (a simulated run lasts only a few virtual seconds)."""
+
+    def evaluation_interval(self, simulated: bool) -> float:
+        """``eval_every``, or its default for a real or a simulated run."""
+        if self.eval_every is not None:
+            return self.eval_every
+        return 5.0 * self.simulation.compute_time if simulated else 0.5
+
     stragglers: tuple[tuple[int, float], ...] = ()
     """(rank, slowdown) pairs: that worker's steps take `slowdown` times as long (emulated by waiting)."""
     grads_per_message: int = 1
@@ -293,7 +301,7 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
         "target_accuracy",
         "the quadratic task has no accuracy; stop it with --max-gradients or --max-seconds",
     )
-    need(spec.eval_every > 0, "eval_every", "must be positive (seconds)")
+    need(spec.eval_every is None or spec.eval_every > 0, "eval_every", "must be positive (seconds)")
     need(spec.grads_per_message >= 1, "grads_per_message", "must be at least 1 (1 is the theory's setting)")
     need(spec.dim >= 1, "dim", "must be at least 1")
     need(spec.noise >= 0, "noise", "must be non-negative")

@@ -483,7 +483,7 @@ def _target_text(plan: SweepPlan) -> str:
     if plan.target_loss is not None:
         return (
             f"Target: loss <= {plan.target_loss:g} (first evaluation of the evaluated replica that reaches it; "
-            f"resolution --eval-every = {plan.base.eval_every:g} virtual s)."
+            f"resolution --eval-every = {plan.base.evaluation_interval(simulated=True):g} virtual s)."
         )
     if plan.base.target_accuracy is not None:
         return f"Target: test accuracy >= {plan.base.target_accuracy:g} (also a stop rule of every point)."

@@ -104,7 +104,7 @@ def run_process(
             max_seconds=spec.max_seconds,
             target_accuracy=spec.target_accuracy,
             accuracy_metric=task.accuracy_metric,
-            eval_every=spec.eval_every,
+            eval_every=spec.evaluation_interval(simulated=False),
             slowdown=spec.slowdown(rank),
             drain_timeout=spec.drain_timeout,
         )

@@ -70,7 +70,7 @@ def build_simulation(
         spec.max_seconds,
         spec.target_accuracy,
         task.accuracy_metric,
-        spec.eval_every,
+        spec.evaluation_interval(simulated=True),
         spec.drain_timeout,
     )
     failures = FailurePlan(sim.crashes, sim.crash_rate, sim.link_down)
