@@ -75,7 +75,7 @@ import torch.distributed as dist
 
 from dasgd.core.message import Kind, Message
 from dasgd.core.wire import WireError, decode_detached, encode_into, encoded_size
-from dasgd.transport.base import TransportStats
+from dasgd.transport.base import RingShutdown, TransportStats
 from dasgd.transport.queue import CoalescingQueue
 
 __all__ = ["SplitPlaneTransport", "SplitPlaneUsageError", "make_data_groups"]
@@ -143,7 +143,7 @@ def _normalise_device(device: torch.device | str) -> torch.device:
     return dev
 
 
-class SplitPlaneTransport:
+class SplitPlaneTransport(RingShutdown):
     """A Transport endpoint whose headers travel on a Gloo control group and payloads on data groups.
 
     Implements the :class:`dasgd.transport.base.Transport` protocol, plus :meth:`expect_shutdown` and
@@ -301,28 +301,6 @@ class SplitPlaneTransport:
         with self._lock:
             self._stats.coalesced = sum(o.box.stats.coalesced for o in self._outboxes.values())
             return self._stats
-
-    def expect_shutdown(self) -> None:
-        """From now on a SHUTDOWN message ends the receiver (call once the drain is complete everywhere)."""
-        self._shutdown_expected.set()
-
-    def shutdown(self, timeout: float = 30.0) -> bool:
-        """End-of-run: tell the ring successor to stop listening, wait for our own receiver to be told.
-
-        Every worker must call this after the end-of-run collective. Returns False if a thread did not end
-        in time (the caller may still exit: the threads are daemons).
-        """
-        self.expect_shutdown()
-        ok = True
-        if self.world_size > 1:
-            successor = (self.rank + 1) % self.world_size
-            self.send(successor, Message(Kind.SHUTDOWN, self.rank, self.rank))
-            ok = self.flush(timeout)
-            if self._receiver is not None:
-                self._receiver.join(timeout)
-                ok = ok and not self._receiver.is_alive()
-        self.close()
-        return ok
 
     def close(self) -> None:
         if self._closed:

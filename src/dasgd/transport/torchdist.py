@@ -25,7 +25,7 @@ import torch.distributed as dist
 
 from dasgd.core.message import Kind, Message
 from dasgd.core.wire import WireError, decode, encode_into, encoded_size
-from dasgd.transport.base import TransportStats
+from dasgd.transport.base import RingShutdown, TransportStats
 from dasgd.transport.queue import CoalescingQueue
 
 __all__ = ["TorchDistTransport"]
@@ -33,7 +33,7 @@ __all__ = ["TorchDistTransport"]
 _TAG = 7  # one tag for all data-plane traffic; per-pair order is preserved by Gloo
 
 
-class TorchDistTransport:
+class TorchDistTransport(RingShutdown):
     """A Transport endpoint on a torch.distributed (Gloo) process group.
 
     Args:
@@ -117,28 +117,6 @@ class TorchDistTransport:
         with self._lock:
             self._stats.coalesced = sum(b.stats.coalesced for b in self._outboxes.values())
             return self._stats
-
-    def expect_shutdown(self) -> None:
-        """From now on a SHUTDOWN message ends the receiver (call once the drain is complete everywhere)."""
-        self._shutdown_expected.set()
-
-    def shutdown(self, timeout: float = 30.0) -> bool:
-        """End-of-run: tell the ring successor to stop listening, wait for our own receiver to be told.
-
-        Every worker must call this after the end-of-run collective. Returns False if a thread did not end
-        in time (the caller may still exit: the threads are daemons).
-        """
-        self.expect_shutdown()
-        ok = True
-        if self.world_size > 1:
-            successor = (self.rank + 1) % self.world_size
-            self.send(successor, Message(Kind.SHUTDOWN, self.rank, self.rank))
-            ok = self.flush(timeout)
-            if self._receiver is not None:
-                self._receiver.join(timeout)
-                ok = ok and not self._receiver.is_alive()
-        self.close()
-        return ok
 
     def close(self) -> None:
         if self._closed:
