@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 
+from dasgd.algorithms import DASGD
 from dasgd.experiments.spec import resolve_spec
 from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
 from dasgd.runtime.simulate import build_simulation, compute_model, network_model, simulate
@@ -79,7 +80,7 @@ def test_the_simulator_drives_whatever_algorithm_the_worker_was_given():
     """No copy of the algorithm inside the simulator: a plug-in defined here runs unchanged."""
     calls = {"local": 0, "remote": 0}
 
-    class HalfStepRemote:
+    class HalfStepRemote(DASGD):
         name = "half-remote"
         faithful = False
 
@@ -99,6 +100,7 @@ def test_the_simulator_drives_whatever_algorithm_the_worker_was_given():
     for r in range(3):
         w = build_worker(spec, r, task, resolved, send_clock=False, sampler=samplers[r])
         w.algorithm = HalfStepRemote()
+        w.algorithm.bind(w)
         workers.append(w)
     Simulation(
         workers,

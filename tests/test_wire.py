@@ -392,7 +392,7 @@ def test_unknown_sender_or_origin() -> None:
         (2, 3, 4, False),
         (3, 0, 1, False),
         (4, 1, 0, False),
-        (5, 2, 2, True),
+        (5, 3, 2, True),  # MODEL: lo <= hi is a tag; lo > hi is invalid
     ],
 )
 def test_bad_range(kind: int, lo: int, hi: int, payload: bool) -> None:

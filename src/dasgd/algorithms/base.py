@@ -1,31 +1,143 @@
-"""The algorithm interface: the update math, as small functions over explicit tensors.
+"""The algorithm interface: what a worker does with its own gradients and with what arrives.
 
-An algorithm decides how a gradient changes a replica; the worker decides which messages carry it and the
-runtime decides when things happen. Algorithms hold no sockets, clocks or threads (STYLE.md, 1).
+An algorithm is per-worker state plus a handful of hooks the Worker calls (``bind`` gives it its worker). The
+worker keeps the mechanism every algorithm shares: message validation, exactly-once bookkeeping of gradient
+ids, the vector clock, broadcast-tree forwarding, the end-of-run FINAL/STOP handshake. The algorithm decides
+the math and the messaging pattern: apply at once and push (DASGD), wait for a step's gradients and average
+(mini-batch SGD), push to a server and pull its model (parameter-server ASGD), average models (Local SGD,
+gossip). The runtime decides when things happen. Algorithms hold no sockets, clocks or threads (STYLE.md, 1),
+so each one runs unchanged in real processes and in the simulator.
+
+Adding an algorithm is one file with a subclass of :class:`Algorithm` and one line in the registry
+(``dasgd.algorithms``).
 """
 
 from __future__ import annotations
 
-from typing import Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
 
+import numpy as np
 import torch
 
-__all__ = ["Algorithm"]
+from dasgd.core.message import Kind, Message
+
+if TYPE_CHECKING:
+    from dasgd.core.topology import Topology
+    from dasgd.worker.worker import Gradient, Outgoing, Worker
+
+__all__ = ["Algorithm", "AlgorithmError", "AlgorithmParams"]
 
 
-@runtime_checkable
-class Algorithm(Protocol):
-    """How gradients update a replica."""
+class AlgorithmError(ValueError):
+    """The run's setup does not suit the algorithm (e.g. a topology it cannot use)."""
 
-    name: str
-    """Registry name, e.g. "dasgd"."""
-    faithful: bool
-    """True when the update is the paper's fixed-stepsize SGD (inside the convergence theory)."""
 
-    def local_update(self, params: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        """Apply this worker's own fresh gradient to ``params`` in place."""
-        ...
+@dataclass(frozen=True)
+class AlgorithmParams:
+    """Settings some algorithms read (from the run spec); each algorithm ignores the others."""
 
-    def remote_update(self, params: torch.Tensor, grad_sum: torch.Tensor, lr: float, count: int) -> None:
-        """Apply the sum of ``count`` gradients received from a peer to ``params`` in place."""
-        ...
+    seed: int = 0
+    """Seeds an algorithm's own choices (gossip's choice of partner); per worker it is mixed with the rank."""
+    local_steps: int = 8
+    """Local SGD: local steps between model averages (H)."""
+    staleness_bound: int | None = None
+    """dasgd-cap: the largest staleness applied in full; dasgd-damped: the staleness at which the stepsize is
+    halved. None: twice the number of workers."""
+    cap_scale: float = 0.0
+    """dasgd-cap: the factor applied to a gradient staler than the bound (0: it is dropped)."""
+
+
+class Algorithm:
+    """Base of every algorithm: per-worker state and the hooks the worker calls.
+
+    Class attributes describe the algorithm to the rest of the system (summaries, reports, the theory):
+    ``faithful`` (inside the paper's theory), ``replicas`` (what the replicas hold at the end of a run:
+    "all": every gradient, and equal parameters; "ids": every gradient id, weighted differently; "server":
+    only the server holds every gradient; "none": models are averaged, no replica holds a gradient set),
+    ``synchronous`` (it has a barrier).
+    """
+
+    name: ClassVar[str] = "base"
+    faithful: ClassVar[bool] = False
+    replicas: ClassVar[str] = "all"
+    synchronous: ClassVar[bool] = False
+    needs_clocks: ClassVar[bool] = False
+    """Messages must carry vector clocks (the algorithm reads them)."""
+    coalesce_gradients: ClassVar[bool] = True
+    """Transports may sum queued contiguous gradients of one origin (False: every message stays separate)."""
+    single_gradient_messages: ClassVar[bool] = False
+    """The algorithm needs one gradient per message (it rejects grads_per_message > 1)."""
+
+    def __init__(self, params: AlgorithmParams | None = None) -> None:
+        self.params = params if params is not None else AlgorithmParams()
+        self._worker: Worker | None = None
+        self.counts: dict[str, int] = {}
+        """Algorithm-specific counters reported in the run summary (e.g. gradients capped)."""
+
+    # -- wiring -----------------------------------------------------------------------------------------
+    @property
+    def worker(self) -> Worker:
+        if self._worker is None:
+            raise RuntimeError(f"algorithm {self.name!r} is not bound to a worker")
+        return self._worker
+
+    def bind(self, worker: Worker) -> None:
+        """Attach to ``worker`` (called once, by the worker's constructor)."""
+        if self._worker is not None:
+            raise RuntimeError(f"algorithm {self.name!r} is bound already; make one instance per worker")
+        self.check(worker.world_size, worker.topology, worker.grads_per_message)
+        self._worker = worker
+
+    def check(self, world_size: int, topology: Topology, grads_per_message: int) -> None:
+        """Raise AlgorithmError when the setup does not suit the algorithm."""
+        if self.single_gradient_messages and grads_per_message != 1:
+            raise AlgorithmError(
+                f"{self.name} sends one gradient per message; drop --grads-per-message (got {grads_per_message})"
+            )
+
+    # -- the hooks --------------------------------------------------------------------------------------
+    def computes(self) -> bool:
+        """Whether this worker computes gradients at all (a parameter server does not)."""
+        return True
+
+    def ready(self) -> bool:
+        """Whether the worker may start its next gradient now (False while it waits on a peer)."""
+        return True
+
+    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
+        """The worker's own gradient number ``index`` is complete: apply it and/or send it."""
+        raise NotImplementedError
+
+    def on_gradient(self, msg: Message) -> list[Outgoing]:
+        """A remote gradient message was accepted (its ids are already recorded as held)."""
+        raise NotImplementedError
+
+    def on_model(self, msg: Message) -> list[Outgoing]:
+        """A MODEL message was accepted (shape checked)."""
+        w = self.worker
+        w.rejected["unexpected_model"] += 1
+        return []
+
+    def complete(self) -> bool:
+        """Whether the end-of-run drain is complete for this worker (after it finished)."""
+        return self.worker.holds_every_final()
+
+    def on_complete(self) -> None:
+        """Called once when the drain is complete (e.g. to apply a last partial synchronous step)."""
+
+    # -- helpers for subclasses -------------------------------------------------------------------------
+    def model_message(self, lo: int, hi: int, payload: torch.Tensor | None = None) -> Message:
+        """A MODEL message of this worker (a copy of its replica unless ``payload`` is given)."""
+        w = self.worker
+        data = w.params.detach().clone() if payload is None else payload
+        return Message(Kind.MODEL, w.rank, w.rank, lo, hi, data, w.clock.copy())
+
+    def merge_clock(self, other: np.ndarray | None) -> None:
+        """After averaging with a model whose gradient set is ``other``: hold the union (element-wise max).
+
+        For model averaging the replica holds a weighted mix of gradients; the clock then says which gradient
+        ids have a non-zero weight in it. That is what the staleness ledger uses for averaging methods.
+        """
+        if other is not None and len(other) == len(self.worker.clock):
+            np.maximum(self.worker.clock, other, out=self.worker.clock)

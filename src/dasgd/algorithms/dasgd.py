@@ -1,6 +1,6 @@
 """DASGD (Tosi and Theobald, 2023): apply every gradient, own or remote, with the same fixed stepsize.
 
-    x <- x - eta * g      for the own gradient, at once
+    x <- x - eta * g      for the own gradient, at once; then push g to the peers
     x <- x - eta * g_r    for every remote gradient, whenever it arrives (stale)
 
 Updates commute, so a replica is fully described by the set of gradients applied to it, and a coalesced sum
@@ -9,22 +9,40 @@ of remote gradients is applied exactly like its parts (``count`` does not change
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
+
+from dasgd.algorithms.base import Algorithm
+
+if TYPE_CHECKING:
+    from dasgd.core.message import Message
+    from dasgd.worker.worker import Gradient, Outgoing
 
 __all__ = ["DASGD"]
 
 
-@dataclass(frozen=True)
-class DASGD:
-    """The faithful algorithm: plain fixed-stepsize SGD on every gradient."""
+class DASGD(Algorithm):
+    """The faithful algorithm: plain fixed-stepsize SGD on every gradient, no waiting."""
 
-    name: str = "dasgd"
-    faithful: bool = True
+    name = "dasgd"
+    faithful = True
 
     def local_update(self, params: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
+        """Apply this worker's own fresh gradient to ``params`` in place."""
         params.add_(grad, alpha=-lr)
 
     def remote_update(self, params: torch.Tensor, grad_sum: torch.Tensor, lr: float, count: int) -> None:
+        """Apply the sum of ``count`` gradients received from a peer to ``params`` in place."""
         params.add_(grad_sum, alpha=-lr)
+
+    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
+        w = self.worker
+        self.local_update(w.params, gradient.grad, w.lr)
+        return w.push_gradient(index, gradient)
+
+    def on_gradient(self, msg: Message) -> list[Outgoing]:
+        w = self.worker
+        assert msg.payload is not None  # checked by the worker
+        self.remote_update(w.params, msg.payload, w.lr, msg.count)
+        return []

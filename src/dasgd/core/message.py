@@ -30,7 +30,9 @@ class Kind(IntEnum):
     SHUTDOWN = 4
     """End of run, after every worker finished its drain: the receiver may stop listening. No payload."""
     MODEL = 5
-    """``payload`` is a full model (parameter vector); used by model-averaging baselines."""
+    """``payload`` is a full model (parameter vector), sent one hop by the baselines that move models
+    (parameter-server replies, Local SGD rounds, gossip exchanges). ``lo <= hi`` is the algorithm's tag
+    (a round number, request or reply); ``clock`` says which gradients the model holds."""
 
 
 @dataclass(frozen=True, slots=True)

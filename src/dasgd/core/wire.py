@@ -17,7 +17,8 @@ Layout (version 1, every integer little-endian, no padding)::
          8     4  sender        u32, the worker that put the message on the link
         12     4  origin        u32, the worker that computed the gradients / issued the signal
         16     8  lo            u64, first gradient id held (inclusive)
-        24     8  hi            u64, last gradient id held (exclusive); FINAL: the origin's total count
+        24     8  hi            u64, last gradient id held (exclusive); FINAL: the origin's total count;
+                                MODEL: lo <= hi, a tag of the algorithm (round, request or reply)
         32     4  n_clock       u32, number of vector clock entries: 0 (no clock) or world_size
         36     8  numel         u64, number of payload elements (inline, or on the data plane if detached)
         44     8  total_length  u64, length of the whole message in bytes, tag included (a detached
@@ -271,6 +272,9 @@ def _checked_fields(msg: Message, detached: bool = False) -> _Fields:
     elif kind == Kind.FINAL:
         if lo != hi:
             raise WireUsageError(f"FINAL needs lo == hi (the total count), got lo={lo}, hi={hi}")
+    elif kind == Kind.MODEL:
+        if lo > hi:
+            raise WireUsageError(f"MODEL needs lo <= hi (the algorithm's tag), got lo={lo}, hi={hi}")
     elif lo != 0 or hi != 0:
         raise WireUsageError(f"{kind.name} carries no id range; set lo=hi=0 (got {lo}, {hi})")
 
@@ -574,6 +578,8 @@ def _decode(
         range_ok = lo < hi
     elif kind_e == Kind.FINAL:
         range_ok = lo == hi
+    elif kind_e == Kind.MODEL:
+        range_ok = lo <= hi
     else:
         range_ok = lo == 0 and hi == 0
     if not range_ok:

@@ -49,6 +49,7 @@ class RunSpec:
     workers: int = 4
     """Number of worker processes (one replica each)."""
     algorithm: str = "dasgd"
+    """dasgd | sync | ps-asgd | local-sgd | gossip | dasgd-cap | dasgd-damped (dasgd.algorithms)."""
     topology: str = "complete"
     """complete | ring | torus | torus:RxC | random-regular:D | edges:PATH."""
     lr: float | None = None
@@ -79,6 +80,13 @@ class RunSpec:
     """(rank, slowdown) pairs: that worker's steps take `slowdown` times as long (emulated by waiting)."""
     grads_per_message: int = 1
     """TensAIR's B: own gradients summed into one message."""
+    local_steps: int = 8
+    """local-sgd: local steps H between model averages."""
+    staleness_bound: int | None = None
+    """dasgd-cap: largest staleness applied in full; dasgd-damped: staleness at which the stepsize halves.
+    None: twice the number of workers."""
+    cap_scale: float = 0.0
+    """dasgd-cap: factor for gradients staler than the bound (0: dropped)."""
     dim: int = 100
     """quadratic: dimension."""
     noise: float = 1.0
@@ -195,6 +203,9 @@ _KINDS = {
     "target_accuracy": "float",
     "eval_every": "float",
     "grads_per_message": "int",
+    "local_steps": "int",
+    "staleness_bound": "int",
+    "cap_scale": "float",
     "dim": "int",
     "noise": "float",
     "condition": "float",
@@ -303,6 +314,13 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
     )
     need(spec.eval_every is None or spec.eval_every > 0, "eval_every", "must be positive (seconds)")
     need(spec.grads_per_message >= 1, "grads_per_message", "must be at least 1 (1 is the theory's setting)")
+    need(spec.local_steps >= 1, "local_steps", "must be at least 1 (local steps between averages)")
+    need(
+        spec.staleness_bound is None or spec.staleness_bound >= 1,
+        "staleness_bound",
+        "must be at least 1 (gradients)",
+    )
+    need(0 <= spec.cap_scale <= 1, "cap_scale", "must be in [0, 1] (0 drops gradients staler than the bound)")
     need(spec.dim >= 1, "dim", "must be at least 1")
     need(spec.noise >= 0, "noise", "must be non-negative")
     need(spec.condition >= 1, "condition", "must be at least 1 (L/mu)")

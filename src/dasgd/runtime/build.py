@@ -7,13 +7,22 @@ from dataclasses import dataclass
 
 import torch
 
-from dasgd.algorithms import make_algorithm
+from dasgd.algorithms import AlgorithmError, AlgorithmParams, make_algorithm
 from dasgd.core.topology import Topology, parse_topology
 from dasgd.experiments.spec import RunSpec, SpecError
 from dasgd.tasks import BatchSampler, Task, default_batch_size, default_lr, make_task
 from dasgd.worker.worker import Worker
 
-__all__ = ["Resolved", "build_sampler", "build_task", "build_worker", "resolve", "secret_key", "sampler_seed"]
+__all__ = [
+    "Resolved",
+    "algorithm_params",
+    "build_sampler",
+    "build_task",
+    "build_worker",
+    "resolve",
+    "secret_key",
+    "sampler_seed",
+]
 
 
 @dataclass(frozen=True)
@@ -42,10 +51,26 @@ def resolve(spec: RunSpec) -> Resolved:
         topo = parse_topology(spec.topology, spec.workers, seed=spec.seed)
     except TopologyError as exc:
         raise SpecError("--topology", str(exc)) from None
+    try:
+        make_algorithm(spec.algorithm, algorithm_params(spec)).check(
+            spec.workers, topo, spec.grads_per_message
+        )
+    except AlgorithmError as exc:
+        raise SpecError("--algorithm", str(exc)) from None
     return Resolved(
         lr=spec.lr if spec.lr is not None else default_lr(spec.task),
         batch_size=spec.batch_size if spec.batch_size is not None else default_batch_size(spec.task),
         topology=topo,
+    )
+
+
+def algorithm_params(spec: RunSpec) -> AlgorithmParams:
+    """The spec's settings that algorithms read."""
+    return AlgorithmParams(
+        seed=spec.seed,
+        local_steps=spec.local_steps,
+        staleness_bound=spec.staleness_bound,
+        cap_scale=spec.cap_scale,
     )
 
 
@@ -83,7 +108,7 @@ def build_worker(
         spec.workers,
         model,
         resolved.topology,
-        make_algorithm(spec.algorithm),
+        make_algorithm(spec.algorithm, algorithm_params(spec)),
         resolved.lr,
         loss_fn=loss_fn,
         grads_per_message=spec.grads_per_message,

@@ -63,13 +63,16 @@ def _device(spec: RunSpec) -> torch.device:
 def _make_transport(spec: RunSpec, session: DistributedSession, worker, device: torch.device):
     key = secret_key(spec)
     n, dtype = worker.params.numel(), worker.params.dtype
+    coalesce = worker.algorithm.coalesce_gradients
     if device.type == "cpu":
-        return TorchDistTransport(session.rank, spec.workers, n, dtype, group=session.p2p_group, key=key)
+        return TorchDistTransport(
+            session.rank, spec.workers, n, dtype, group=session.p2p_group, key=key, coalesce=coalesce
+        )
     from dasgd.transport.splitplane import SplitPlaneTransport, make_data_groups
 
     up, down = make_data_groups("nccl")
     return SplitPlaneTransport(
-        session.rank, spec.workers, n, dtype, device, session.p2p_group, up, down, key=key
+        session.rank, spec.workers, n, dtype, device, session.p2p_group, up, down, key=key, coalesce=coalesce
     )
 
 

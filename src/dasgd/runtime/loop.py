@@ -103,6 +103,11 @@ class WorkerLoop:
             reason = self._stop_reason(now - start)
             if reason:
                 break
+            if not w.ready:
+                # The algorithm waits on peers (a synchronous step, a server's reply; a server never computes).
+                # Messages, evaluations and stop rules go on meanwhile.
+                self.transport.wait(min(0.05, max(0.0, next_eval - now)) if self.evaluator else 0.05)
+                continue
             t0 = clock.now()
             gradient = w.compute()
             t1 = clock.now()

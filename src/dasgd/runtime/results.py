@@ -56,6 +56,7 @@ def worker_shard(
             "drain_end": drain_end,
             "evals": evals,
             "rejected": dict(worker.rejected),
+            "algorithm_counts": dict(getattr(worker.algorithm, "counts", {})),
             "transport": transport,
             "param_checksum": checksum(worker.params)[:16],
             "final_metrics": final_metrics,
@@ -100,10 +101,19 @@ def summarize(
     for s in shards:
         computed[s.meta["rank"]] = s.meta["computed"]
     total = int(computed.sum())
-    # A gradient is lost when some live replica does not hold it at the end.
-    lost = int(np.maximum(0, computed - final_clocks.min(axis=0)).sum())
-    duplicated = int(np.maximum(0, final_clocks - computed).sum())
-    exactly_once = bool(np.array_equal(final_clocks, np.broadcast_to(computed, final_clocks.shape)))
+    replicas = _replica_contract(spec.algorithm)
+    # Which replicas must end holding every gradient: all of them (gradient-push algorithms), the server's
+    # (parameter-server ASGD), or none (model averaging: no replica holds a gradient set).
+    holders = final_clocks
+    if replicas == "server":
+        holders = final_clocks[[i for i, s in enumerate(shards) if s.meta["rank"] == 0]]
+    if replicas == "none" or holders.shape[0] == 0:
+        lost, duplicated, exactly_once = 0, 0, None
+    else:
+        # A gradient is lost when some live holder does not hold it at the end.
+        lost = int(np.maximum(0, computed - holders.min(axis=0)).sum())
+        duplicated = int(np.maximum(0, holders - computed).sum())
+        exactly_once = bool(np.array_equal(holders, np.broadcast_to(computed, holders.shape)))
     set_digests = [hashlib.sha256(c.astype("<i8").tobytes()).hexdigest()[:16] for c in final_clocks]
 
     ref = shards[0].params.astype(np.float64)
@@ -111,7 +121,13 @@ def summarize(
     scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
     max_diff = max(diffs)
     tol = replica_tolerance(shards[0].params.dtype, total)
-    replicas_agree = bool(exactly_once and max_diff / scale <= tol)
+    # Only algorithms whose replicas apply the same gradients with the same weights must agree; for the
+    # others the difference is reported (max_replica_diff) but agreement is not expected (None).
+    replicas_agree = bool(exactly_once and max_diff / scale <= tol) if replicas == "all" else None
+    counts: dict[str, int] = {}
+    for s in shards:
+        for k, v in s.meta.get("algorithm_counts", {}).items():
+            counts[k] = counts.get(k, 0) + int(v)
 
     stats = compute_staleness(
         np.concatenate([s.origin for s in shards]),
@@ -167,15 +183,31 @@ def summarize(
         "dead_workers": dead,
         "drained": all(s.meta["drained"] for s in shards),
         "staleness": stats.to_dict(),
+        "replicas": replicas,
         "replicas_agree": replicas_agree,
+        "algorithm_counts": counts,
         "max_replica_diff": max_diff,
         "replica_tolerance": tol * scale,
         "gradient_set_digests": set_digests,
         "per_worker": per_worker,
         "task_info": task_info,
-        "faithful": spec.algorithm == "dasgd" and spec.data == "shared",
+        "faithful": _faithful(spec.algorithm) and spec.data == "shared",
         "notes": spec.notes,
     }
+
+
+def _replica_contract(algorithm: str) -> str:
+    from dasgd.algorithms import ALGORITHMS
+
+    cls = ALGORITHMS.get(algorithm)
+    return cls.replicas if cls is not None else "all"
+
+
+def _faithful(algorithm: str) -> bool:
+    from dasgd.algorithms import ALGORITHMS
+
+    cls = ALGORITHMS.get(algorithm)
+    return bool(cls is not None and cls.faithful)
 
 
 def _to_target(spec: RunSpec, evals: list[dict]) -> dict[str, Any]:

@@ -29,7 +29,8 @@ from dasgd.worker.worker import Gradient, Outgoing, Worker
 
 __all__ = ["Simulation", "SimOutcome", "StopPolicy"]
 
-_COMPUTING, _DRAINING, _DONE, _DEAD = range(4)
+_COMPUTING, _DRAINING, _DONE, _DEAD, _WAITING = range(5)
+_TRAINING = (_COMPUTING, _WAITING)  # before the worker's stop: computing, or waiting on peers to go on
 
 
 @dataclass(frozen=True)
@@ -102,9 +103,17 @@ class Simulation:
         self.clock = VirtualClock()
         self.events = EventQueue()
         self.net = SimNetwork(
-            n, network, self.events, self.clock.now, self._on_arrival, seed, on_broadcast=self._on_broadcast
+            n,
+            network,
+            self.events,
+            self.clock.now,
+            self._on_arrival,
+            seed,
+            on_broadcast=self._on_broadcast,
+            coalesce=workers[0].algorithm.coalesce_gradients,
         )
         self._draining: set[int] = set()
+        self._waiting: set[int] = set()  # workers whose algorithm waits on peers (woken by arrivals)
         self.transports = [self.net.endpoint(r) for r in range(n)]
         self._rngs = [np.random.default_rng([seed, 3, r]) for r in range(n)]
         self._failure_rng = np.random.default_rng([seed, 5])
@@ -205,6 +214,22 @@ class Simulation:
         if reason:
             self._stop(w, reason)
             return
+        if not worker.ready:
+            # The algorithm waits on peers (a synchronous step, a server's reply, or a server that never
+            # computes): the next arrival wakes the worker, and so does the time budget running out.
+            if self._state[w] != _WAITING:
+                self._state[w] = _WAITING
+                self._waiting.add(w)
+                if self.policy.max_seconds is not None and self.policy.max_seconds > t:
+                    self.events.push(self.policy.max_seconds, EventKind.WAKE, w)
+            nxt = self.net.next_arrival(w)
+            if nxt is not None and nxt < self._wake_at[w]:
+                self._wake_at[w] = nxt
+                self.events.push(nxt, EventKind.WAKE, w)
+            return
+        if self._state[w] == _WAITING:
+            self._state[w] = _COMPUTING
+            self._waiting.discard(w)
         self._snapshot[w] = worker.clock.copy()
         self._started[w] = t
         if self._batched is None:
@@ -239,6 +264,7 @@ class Simulation:
 
     def _stop(self, w: int, reason: str) -> None:
         worker = self.workers[w]
+        self._waiting.discard(w)
         if reason != "stop_requested":
             self._send(w, worker.request_stop())
         self._state[w] = _DRAINING
@@ -246,7 +272,7 @@ class Simulation:
         self._send(w, worker.finish())
         self.outcome.stop_reason[w] = reason
         self.outcome.train_end[w] = self.clock.now()
-        if all(s != _COMPUTING for s in self._state):
+        if all(s not in _TRAINING for s in self._state):
             self._drain_deadline = self.clock.now() + self.policy.drain_timeout
         self._check_drained(w)
 
@@ -267,17 +293,23 @@ class Simulation:
             self.events.push(nxt, EventKind.WAKE, w)
 
     def _on_broadcast(self, src: int, time: float) -> None:
-        for dst in self._draining:
+        for dst in (*self._draining, *self._waiting):
             if dst != src:
                 self._on_arrival(dst, time)
 
     def _on_arrival(self, dst: int, time: float) -> None:
-        if self._state[dst] == _DRAINING and time < self._wake_at[dst]:
+        if self._state[dst] in (_DRAINING, _WAITING) and time < self._wake_at[dst]:
             self._wake_at[dst] = time
             self.events.push(time, EventKind.WAKE, dst)
 
     def _wake(self, w: int) -> None:
-        if self._state[w] != _DRAINING or self.clock.now() < self._wake_at[w]:
+        state = self._state[w]
+        if state == _WAITING:
+            if self.clock.now() >= self._wake_at[w]:
+                self._wake_at[w] = math.inf
+            self._start(w)  # a stale wake-up is harmless here: it only re-checks
+            return
+        if state != _DRAINING or self.clock.now() < self._wake_at[w]:
             return  # a stale wake-up: an earlier one was scheduled after it
         self._wake_at[w] = math.inf
         self._send(w, self.workers[w].receive(self.transports[w].poll()))
@@ -286,16 +318,17 @@ class Simulation:
     def _crash(self, w: int) -> None:
         if self._state[w] in (_DONE, _DEAD):
             return
-        if self._state[w] == _COMPUTING and math.isnan(self.outcome.train_end[w]):
+        if self._state[w] in _TRAINING and math.isnan(self.outcome.train_end[w]):
             self.outcome.train_end[w] = self.clock.now()
         self._state[w] = _DEAD
         self._draining.discard(w)
+        self._waiting.discard(w)
         self.outcome.crashed[w] = True
         self.outcome.stop_reason[w] = "crashed"
         self._pending.pop(w, None)
         self._inflight.pop(w, None)
         self.net.crash(w)
-        if all(s != _COMPUTING for s in self._state):
+        if all(s not in _TRAINING for s in self._state):
             self._drain_deadline = min(self._drain_deadline, self.clock.now() + self.policy.drain_timeout)
 
     def _evaluate(self) -> None:
@@ -305,7 +338,7 @@ class Simulation:
         self._metrics = self.task.evaluate(worker.model, full=False)
         t = self.clock.now()
         self.outcome.evals.append({"worker": 0, "time": t, "gradients": worker.applied, **self._metrics})
-        if self._state[0] == _COMPUTING:
+        if self._state[0] in _TRAINING:
             self.events.push(t + self.policy.eval_every, EventKind.EVALUATE)
 
     def _progress(self) -> dict:
@@ -313,6 +346,6 @@ class Simulation:
             "time": self.clock.now(),
             "computed": sum(w.computed for w in self.workers),
             "applied": self.workers[0].applied,
-            "training": sum(s == _COMPUTING for s in self._state),
+            "training": sum(s in _TRAINING for s in self._state),
             **{k: v for k, v in self._metrics.items() if isinstance(v, float)},
         }

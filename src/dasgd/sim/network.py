@@ -61,8 +61,10 @@ class SimNetwork:
         on_arrival: Callable[[int, float], None],
         seed: int,
         on_broadcast: Callable[[int, float], None] | None = None,
+        coalesce: bool = True,
     ) -> None:
         self.n = n
+        self._coalesce = coalesce
         self.model = model
         self._events = events
         self._now = now
@@ -125,7 +127,7 @@ class SimNetwork:
             self._transmit(src, dst, link, msg, t)
             return
         if link.queue is None:
-            link.queue = CoalescingQueue()
+            link.queue = CoalescingQueue(self._coalesce)
         link.queue.put(msg)
         self._schedule_link(src, dst, link)
 

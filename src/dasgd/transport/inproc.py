@@ -18,11 +18,11 @@ __all__ = ["InProcessNetwork", "InProcessTransport"]
 class InProcessNetwork:
     """A set of connected in-process endpoints, one per rank."""
 
-    def __init__(self, world_size: int) -> None:
+    def __init__(self, world_size: int, coalesce: bool = True) -> None:
         if world_size < 1:
             raise ValueError(f"world_size must be at least 1, got {world_size}")
         self.world_size = world_size
-        self._inboxes = [CoalescingQueue() for _ in range(world_size)]
+        self._inboxes = [CoalescingQueue(coalesce) for _ in range(world_size)]
         self._endpoints = [InProcessTransport(self, r) for r in range(world_size)]
         self._closed: set[int] = set()
 

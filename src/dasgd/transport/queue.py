@@ -52,10 +52,12 @@ class CoalescingQueue:
     """Thread-safe FIFO of messages that sums contiguous gradients of one origin.
 
     ``put`` never blocks. ``take`` blocks until an entry is there (or ``close``/timeout). ``drain`` takes
-    everything at once without blocking.
+    everything at once without blocking. ``coalesce=False`` keeps every message separate (for algorithms
+    that must see each gradient on its own, such as synchronous mini-batch SGD's per-step averages).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, coalesce: bool = True) -> None:
+        self._coalesce = coalesce
         self._entries: deque[_Entry] = deque()
         self._latest: dict[int, _Entry] = {}  # origin -> its most recent queued entry
         self._cond = threading.Condition()
@@ -73,7 +75,8 @@ class CoalescingQueue:
             self.stats.put += 1
             last = self._latest.get(msg.origin)
             if (
-                msg.kind == Kind.GRADIENT
+                self._coalesce
+                and msg.kind == Kind.GRADIENT
                 and last is not None
                 and last.msg.kind == Kind.GRADIENT
                 and last.msg.hi == msg.lo

@@ -123,8 +123,8 @@ class _Outbox:
 
     __slots__ = ("box", "lock", "ready")
 
-    def __init__(self) -> None:
-        self.box = CoalescingQueue()
+    def __init__(self, coalesce: bool = True) -> None:
+        self.box = CoalescingQueue(coalesce)
         # Held around "put + record the event" in send() and while the sender thread reads the events, so
         # a message the sender took is covered by an event recorded after its last change (see _send_loop).
         self.lock = threading.Lock()
@@ -182,6 +182,7 @@ class SplitPlaneTransport(RingShutdown):
         down_group: dist.ProcessGroup,
         key: bytes | None = None,
         send_clock: bool = True,
+        coalesce: bool = True,
     ) -> None:
         if not 0 <= rank < world_size:
             raise SplitPlaneUsageError(f"rank {rank} is outside a world of {world_size} workers")
@@ -216,7 +217,8 @@ class SplitPlaneTransport(RingShutdown):
         self._payload_bytes = numel * dtype.itemsize
         # CUDA-only: the stream consumers of received tensors work on (see the module docstring).
         self._consumer_stream = torch.cuda.current_stream(self._device) if self._cuda else None
-        self._inbox = CoalescingQueue()
+        self._coalesce = coalesce
+        self._inbox = CoalescingQueue(coalesce)
         self._outboxes: dict[int, _Outbox] = {}
         self._senders: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -263,7 +265,7 @@ class SplitPlaneTransport(RingShutdown):
                 return
             out = self._outboxes.get(peer)
             if out is None:
-                out = self._outboxes[peer] = _Outbox()
+                out = self._outboxes[peer] = _Outbox(self._coalesce)
                 thread = threading.Thread(
                     target=self._send_loop,
                     args=(peer, out),

@@ -44,6 +44,7 @@ class TorchDistTransport(RingShutdown):
         group: the process group for point-to-point traffic (None: the default group).
         key: shared secret; when set, every message carries an HMAC-SHA256 tag and untagged ones are refused.
         send_clock: messages carry the sender's vector clock.
+        coalesce: sum queued contiguous gradients of one origin (False: keep every message separate).
     """
 
     def __init__(
@@ -55,15 +56,17 @@ class TorchDistTransport(RingShutdown):
         group: dist.ProcessGroup | None = None,
         key: bytes | None = None,
         send_clock: bool = True,
+        coalesce: bool = True,
     ) -> None:
         self.rank = rank
+        self._coalesce = coalesce
         self.world_size = world_size
         self._numel = numel
         self._dtype = dtype
         self._group = group
         self._key = key
         self._capacity = encoded_size(numel, dtype, world_size if send_clock else 0, key is not None)
-        self._inbox = CoalescingQueue()
+        self._inbox = CoalescingQueue(coalesce)
         self._outboxes: dict[int, CoalescingQueue] = {}
         self._senders: dict[int, threading.Thread] = {}
         self._lock = threading.Lock()
@@ -87,7 +90,7 @@ class TorchDistTransport(RingShutdown):
                 return
             box = self._outboxes.get(peer)
             if box is None:
-                box = self._outboxes[peer] = CoalescingQueue()
+                box = self._outboxes[peer] = CoalescingQueue(self._coalesce)
                 thread = threading.Thread(
                     target=self._send_loop,
                     args=(peer, box),

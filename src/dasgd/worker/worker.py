@@ -1,13 +1,20 @@
-"""One DASGD worker: a replica, its vector clock, and the step-level operations on them.
+"""One worker: a replica, its vector clock, and the step-level operations on them.
 
 The worker is pure mechanism (DESIGN.md): no threads, no sockets, no clocks, no loop. The real-time runtime,
-the simulator and the PyTorch wrapper all drive it through the same four operations:
+the simulator and the PyTorch wrapper all drive it through the same operations:
 
-- ``receive(messages)``: apply arrived gradients (each exactly once), note control signals, and return the
-  copies to forward along the broadcast trees of a sparse topology;
+- ``receive(messages)``: hand arrived gradients (each exactly once) and models to the algorithm, note control
+  signals, and return what must be sent: copies to forward along the broadcast trees of a sparse topology,
+  and the algorithm's replies;
+- ``ready``: whether the algorithm lets the worker start a gradient now (always, for DASGD);
 - ``compute()``: a stochastic gradient at the current replica, with the vector clock at its start;
-- ``commit(gradient)``: apply the own gradient at once and return the messages that push it to the peers;
-- ``finish()``: stop computing and announce the final gradient count (the start of the end-of-run drain).
+- ``commit(gradient)``: hand the own gradient to the algorithm (DASGD applies it at once) and return the
+  messages that push it;
+- ``finish()``: stop computing and announce the final gradient count (the start of the end-of-run drain);
+- ``complete``: whether the drain is over for this worker.
+
+What happens to a gradient or a model is the algorithm's business (dasgd.algorithms); the worker keeps what
+every algorithm shares.
 
 The vector clock ``clock[j]`` is how many of worker ``j``'s gradients the replica holds (a contiguous prefix
 of ``j``'s ids, since links are FIFO and each origin's messages follow one tree path). It is what the
@@ -90,7 +97,7 @@ class Worker:
         self.lr = lr
         self.loss_fn = loss_fn
         self.grads_per_message = grads_per_message
-        self.send_clock = send_clock
+        self.send_clock = send_clock or algorithm.needs_clocks
         self.clock = np.zeros(world_size, dtype=np.int64)
         # Per-origin state is kept compact (a few ints per origin) because the simulator runs thousands of
         # workers: the clock is the contiguous prefix of each origin's ids held; only an origin whose ids
@@ -106,6 +113,8 @@ class Worker:
         self.stopped = False
         self.stop_requested = False
         self.rejected: Counter[str] = Counter()
+        self._completed = False
+        algorithm.bind(self)
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -114,8 +123,29 @@ class Worker:
         return int(self.clock.sum())
 
     @property
+    def computes(self) -> bool:
+        """Whether this worker computes gradients at all (a parameter server does not)."""
+        return self.algorithm.computes()
+
+    @property
+    def ready(self) -> bool:
+        """Whether a gradient may be started now (the algorithm may be waiting on peers)."""
+        return not self.stopped and self.algorithm.ready()
+
+    @property
     def complete(self) -> bool:
-        """Every worker's final count is known and every one of their gradients has been applied."""
+        """The end-of-run drain is over for this worker (the algorithm's rule; by default
+        :meth:`holds_every_final`). The first time it holds, the algorithm's ``on_complete`` runs."""
+        if self._completed:
+            return True
+        if not self.algorithm.complete():
+            return False
+        self._completed = True
+        self.algorithm.on_complete()
+        return True
+
+    def holds_every_final(self) -> bool:
+        """Every live worker's final count is known and every one of their gradients is held."""
         live = ~self._dead
         if not (self._finals[live] >= 0).all() or not (self.clock[live] == self._finals[live]).all():
             return False
@@ -149,7 +179,10 @@ class Worker:
                 continue
             if msg.kind == Kind.GRADIENT:
                 self._hold(msg.origin, msg.lo, msg.hi)
-                self.algorithm.remote_update(self.params, msg.payload, self.lr, msg.count)
+                forward.extend(self.algorithm.on_gradient(msg))
+            elif msg.kind == Kind.MODEL:
+                forward.extend(self.algorithm.on_model(msg))
+                continue  # models go point to point, never along a broadcast tree
             elif msg.kind == Kind.FINAL:
                 if self._finals[msg.origin] >= 0:
                     self.rejected[
@@ -160,7 +193,7 @@ class Worker:
             elif msg.kind == Kind.STOP:
                 self.stop_requested = True
             else:
-                continue  # SHUTDOWN is for the transport; MODEL is not used by DASGD
+                continue  # SHUTDOWN is for the transport
             if self._complete:
                 continue  # on a complete graph every origin reaches everyone directly: nothing to forward
             children = self.topology.children(msg.origin, self.rank)
@@ -177,6 +210,8 @@ class Worker:
             )
         if self.stopped:
             raise RuntimeError("the worker has finished; it computes no more gradients")
+        if not self.computes:
+            raise RuntimeError(f"worker {self.rank} computes no gradients under {self.algorithm.name}")
         clock = self.clock.copy()
         self.model.zero_grad(set_to_none=True)
         loss = self.loss_fn(self.model)
@@ -184,15 +219,25 @@ class Worker:
         return Gradient(flat_grad(self.model, self.params), clock, float(loss.detach()))
 
     def commit(self, gradient: Gradient) -> list[Outgoing]:
-        """Apply the own gradient at once and return the messages that push it to the peers."""
+        """Hand the own gradient to the algorithm (DASGD applies it at once); return the messages to send."""
         if self.stopped:
             raise RuntimeError("the worker has finished; it accepts no more gradients")
-        self.algorithm.local_update(self.params, gradient.grad, self.lr)
         index = self.computed
         self.computed += 1
         self.clock[self.rank] = self.computed
+        return self.algorithm.on_own(gradient, index)
+
+    def push_gradient(
+        self, index: int, gradient: Gradient, peers: tuple[int, ...] | None = None
+    ) -> list[Outgoing]:
+        """The messages that push own gradient ``index`` (summed B at a time when grads_per_message > 1).
+
+        ``peers`` defaults to this worker's children in its own broadcast tree (every worker, on a complete
+        graph). The message carries the clock of the model the gradient was computed on, so a receiver can
+        tell how stale it is.
+        """
         if self.grads_per_message == 1:
-            return self._push(Kind.GRADIENT, index, index + 1, gradient.grad)
+            return self._push(Kind.GRADIENT, index, index + 1, gradient.grad, gradient.clock, peers)
         if self._pending is None:
             self._pending = gradient.grad.clone()
             self._pending_lo = index
@@ -224,10 +269,21 @@ class Worker:
         self._pending = None
         return self._push(Kind.GRADIENT, lo, self.computed, grad)
 
-    def _push(self, kind: Kind, lo: int, hi: int, payload: torch.Tensor | None) -> list[Outgoing]:
-        clock = self.clock.copy() if self.send_clock else None
+    def _push(
+        self,
+        kind: Kind,
+        lo: int,
+        hi: int,
+        payload: torch.Tensor | None,
+        clock: np.ndarray | None = None,
+        peers: tuple[int, ...] | None = None,
+    ) -> list[Outgoing]:
+        if not self.send_clock:
+            clock = None
+        elif clock is None:
+            clock = self.clock.copy()
         msg = Message(kind, self.rank, self.rank, lo, hi, payload, clock)
-        return [(peer, msg) for peer in self._own_children]
+        return [(peer, msg) for peer in (self._own_children if peers is None else peers)]
 
     def _holds_any(self, origin: int, lo: int, hi: int) -> bool:
         gaps = self._gaps.get(origin)
@@ -263,6 +319,14 @@ class Worker:
         if parent != msg.sender:
             self.rejected["wrong_route"] += 1
             return None
+        if msg.kind == Kind.MODEL:
+            if msg.sender != msg.origin or msg.sender not in self.topology.neighbors(self.rank):
+                self.rejected["wrong_route"] += 1  # models travel one hop, between neighbours
+                return None
+            if msg.payload is None or msg.payload.numel() != self.params.numel():
+                self.rejected["shape"] += 1
+                return None
+            return self._as_local(msg)
         if msg.kind == Kind.GRADIENT:
             if msg.payload is None or msg.payload.numel() != self.params.numel():
                 self.rejected["shape"] += 1
@@ -277,8 +341,13 @@ class Worker:
             if final >= 0 and msg.hi > final:
                 self.rejected["after_final"] += 1
                 return None
-            if msg.payload.dtype != self.params.dtype or msg.payload.device != self.params.device:
-                # A different dtype/device is a configuration mismatch between peers, not corruption: convert.
-                payload = msg.payload.to(self.params.device, self.params.dtype)
-                msg = Message(msg.kind, msg.sender, msg.origin, msg.lo, msg.hi, payload, msg.clock)
+            return self._as_local(msg)
+        return msg
+
+    def _as_local(self, msg: Message) -> Message:
+        assert msg.payload is not None
+        if msg.payload.dtype != self.params.dtype or msg.payload.device != self.params.device:
+            # A different dtype/device is a configuration mismatch between peers, not corruption: convert.
+            payload = msg.payload.to(self.params.device, self.params.dtype)
+            msg = Message(msg.kind, msg.sender, msg.origin, msg.lo, msg.hi, payload, msg.clock)
         return msg

@@ -1,0 +1,90 @@
+"""Local SGD: each worker takes H local SGD steps, then all workers average their models.
+
+    repeat:  H times  x_i <- x_i - eta * g_i        (no communication)
+             x_i <- (1/n) sum_j x_j                  (every worker sends its model to all, waits for theirs)
+
+The averaging round is a barrier (the method is synchronous every H steps). Models travel as MODEL messages
+whose id range names the round, so a fast worker's model for the next round can arrive early and wait.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from dasgd.algorithms.base import Algorithm, AlgorithmError
+
+if TYPE_CHECKING:
+    from dasgd.core.message import Message
+    from dasgd.core.topology import Topology
+    from dasgd.worker.worker import Gradient, Outgoing
+
+__all__ = ["LocalSGD"]
+
+
+class LocalSGD(Algorithm):
+    """Periodic model averaging over all workers every ``local_steps`` (H) own steps."""
+
+    name = "local-sgd"
+    replicas = "none"
+    synchronous = True
+    needs_clocks = True
+
+    def bind(self, worker) -> None:  # noqa: ANN001
+        super().bind(worker)
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+        self._rounds = 0  # averaging rounds completed
+
+    def check(self, world_size: int, topology: Topology, grads_per_message: int) -> None:
+        super().check(world_size, topology, grads_per_message)
+        if self.params.local_steps < 1:
+            raise AlgorithmError(f"local steps H must be at least 1, got {self.params.local_steps}")
+        if len(topology.edges) != world_size * (world_size - 1) // 2:
+            raise AlgorithmError("local-sgd averages over every worker; use --topology complete")
+
+    @property
+    def local_steps(self) -> int:
+        return self.params.local_steps
+
+    def ready(self) -> bool:
+        return self._rounds >= self.worker.computed // self.local_steps
+
+    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
+        w = self.worker
+        w.params.add_(gradient.grad, alpha=-w.lr)
+        if w.computed % self.local_steps:
+            return []
+        rnd = w.computed // self.local_steps - 1
+        msg = self.model_message(rnd, rnd + 1)
+        self._add(rnd, msg.payload)
+        self._advance()
+        return [(peer, msg) for peer in w.topology.neighbors(w.rank)]
+
+    def on_model(self, msg: Message) -> list[Outgoing]:
+        assert msg.payload is not None  # checked by the worker
+        self._add(msg.lo, msg.payload)
+        self.merge_clock(msg.clock)
+        self._advance()
+        return []
+
+    def complete(self) -> bool:
+        return self.worker.stopped
+
+    def _add(self, rnd: int, model: torch.Tensor | None) -> None:
+        assert model is not None
+        if rnd in self._sums:
+            self._sums[rnd].add_(model)
+            self._counts[rnd] += 1
+        else:
+            self._sums[rnd] = model.detach().clone()
+            self._counts[rnd] = 1
+
+    def _advance(self) -> None:
+        w = self.worker
+        live = w.world_size - len(w.dead)
+        while self._counts.get(self._rounds, 0) >= live:
+            self._counts.pop(self._rounds)
+            w.params.copy_(self._sums.pop(self._rounds).div_(live))
+            self._rounds += 1

@@ -1,0 +1,88 @@
+"""Synchronous mini-batch SGD: every step, each worker's gradient is averaged over all workers (as DDP does).
+
+    for step k:  g_i <- gradient at x on worker i's next mini-batch
+                 x <- x - eta * (1/n) sum_i g_i          (the same on every replica)
+
+Built from the same parts as DASGD: each worker pushes its step-k gradient (gradient id k) to every peer and
+waits until it holds step k of every live worker; then it applies their mean. Waiting is the barrier that
+makes this the baseline: a straggler stalls everyone. The transports must not sum two steps of one origin
+into one message here (``coalesce_gradients = False``), so every message is exactly one step.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from dasgd.algorithms.base import Algorithm, AlgorithmError
+
+if TYPE_CHECKING:
+    from dasgd.core.message import Message
+    from dasgd.core.topology import Topology
+    from dasgd.worker.worker import Gradient, Outgoing
+
+__all__ = ["SynchronousSGD"]
+
+
+class SynchronousSGD(Algorithm):
+    """Mini-batch SGD with an all-gather of gradients each step: every replica takes the same steps."""
+
+    name = "sync"
+    synchronous = True
+    coalesce_gradients = False
+    single_gradient_messages = True
+
+    def bind(self, worker) -> None:  # noqa: ANN001 (the Worker type lives above this layer)
+        super().bind(worker)
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+        self._applied_steps = 0
+
+    def check(self, world_size: int, topology: Topology, grads_per_message: int) -> None:
+        super().check(world_size, topology, grads_per_message)
+        if len(topology.edges) != world_size * (world_size - 1) // 2:
+            raise AlgorithmError("sync averages over every worker each step; use --topology complete")
+
+    def ready(self) -> bool:
+        # The next step starts only when every step computed so far has been averaged in.
+        return self._applied_steps >= self.worker.computed
+
+    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
+        out = self.worker.push_gradient(index, gradient)
+        self._add(index, gradient.grad)
+        self._advance()
+        return out
+
+    def on_gradient(self, msg: Message) -> list[Outgoing]:
+        assert msg.payload is not None  # checked by the worker
+        if msg.count != 1:
+            # Peers never merge steps here; a merged message can only come from a misconfigured peer.
+            self.counts["merged_steps"] = self.counts.get("merged_steps", 0) + msg.count
+        self._add(msg.lo, msg.payload)
+        self._advance()
+        return []
+
+    def on_complete(self) -> None:
+        # Steps left incomplete when the run stopped (some workers computed one more step than others): every
+        # replica holds the same gradients now, so each applies their mean and the replicas still agree.
+        for step in sorted(self._sums):
+            self.worker.params.add_(self._sums.pop(step), alpha=-self.worker.lr / self._counts.pop(step))
+
+    def _add(self, step: int, grad: torch.Tensor) -> None:
+        if step in self._sums:
+            self._sums[step].add_(grad)
+            self._counts[step] += 1
+        else:
+            self._sums[step] = grad.detach().clone()
+            self._counts[step] = 1
+
+    def _advance(self) -> None:
+        w = self.worker
+        live = w.world_size - len(w.dead)
+        while self._counts.get(self._applied_steps, 0) >= live:
+            step = self._applied_steps
+            self._counts.pop(step)
+            # Average, as DDP does: divide the summed step by the number of contributions.
+            w.params.add_(self._sums.pop(step), alpha=-w.lr / live)
+            self._applied_steps += 1
