@@ -100,6 +100,7 @@ def run_process(
         transport = _make_transport(spec, session, worker, device)
         # The time origin is agreed after every process has built its data and model, so start-up cost
         # (dataset loading) is not counted as training time.
+        session.barrier()  # every worker starts training together (a root's broadcast need not wait)
         clock = WallClock(session.shared_origin(time.time()))
         ledger = StalenessLedger(spec.workers)
         config = LoopConfig(

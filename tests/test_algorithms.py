@@ -1,0 +1,267 @@
+"""The conformance suite every algorithm passes, and each baseline checked against an independent oracle.
+
+Adding an algorithm: one file in src/dasgd/algorithms/, one line in its registry, one line in SUITE below.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from dasgd.algorithms import ALGORITHMS, AlgorithmParams, make_algorithm
+from dasgd.algorithms.staleness_policies import receiver_staleness
+from dasgd.core.message import Kind, Message
+from dasgd.experiments.spec import SpecError, resolve_spec
+from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
+from dasgd.runtime.loop import send_all
+from dasgd.runtime.simulate import simulate
+from dasgd.transport.inproc import InProcessNetwork
+
+# (algorithm, spec keys it needs in the suite). One line per algorithm.
+SUITE: list[tuple[str, dict]] = [
+    ("dasgd", {}),
+    ("sync", {}),
+    ("ps-asgd", {}),
+    ("local-sgd", {"local_steps": 4}),
+    ("gossip", {}),
+    ("dasgd-cap", {"staleness_bound": 3}),
+    ("dasgd-damped", {"staleness_bound": 3}),
+]
+NAMES = [name for name, _ in SUITE]
+SCRIPTS = Path(__file__).parent / "scripts"
+
+
+def test_the_suite_covers_every_registered_algorithm():
+    assert sorted(NAMES) == sorted(ALGORITHMS)
+
+
+def _sim(tmp_path: Path, name: str, extra: dict, **kw) -> dict:
+    values = dict(workers=4, algorithm=name, seed=1, **extra)
+    values.update(kw)
+    spec = resolve_spec({}, simulate=True, **values)
+    run_dir = tmp_path / f"{name}-{spec.task}-{spec.seed}"
+    return simulate(spec, run_dir) | {"run_dir": str(run_dir)}
+
+
+@pytest.mark.parametrize(("name", "extra"), SUITE, ids=NAMES)
+def test_converges_on_the_quadratic(tmp_path, name, extra):
+    s = _sim(tmp_path, name, extra, task="quadratic", dim=20, noise=0.1, lr=0.1, max_gradients=1500)
+    evals = [json.loads(line) for line in open(Path(s["run_dir"]) / "events.jsonl")]
+    losses = [e["loss"] for e in evals if e.get("type") == "eval" and "loss" in e]
+    assert losses, "no evaluation recorded"
+    # From f(x0) to a small fraction of it: the noise floor at this stepsize is far below 5%.
+    assert s["final_metrics"]["loss"] < 0.05 * losses[0], (losses[0], s["final_metrics"])
+
+
+@pytest.mark.parametrize(("name", "extra"), SUITE, ids=NAMES)
+def test_converges_on_digits_logistic_regression(tmp_path, name, extra):
+    s = _sim(tmp_path, name, extra, task="digits-logreg", max_gradients=1200)
+    assert s["final_metrics"]["test_accuracy"] >= 0.9, s["final_metrics"]
+
+
+@pytest.mark.parametrize(("name", "extra"), SUITE, ids=NAMES)
+def test_deterministic_in_the_simulator(tmp_path, name, extra):
+    kw = dict(
+        task="quadratic",
+        dim=8,
+        max_gradients=300,
+        simulation={"compute": "lognormal", "latency_sigma": 0.5, "straggler_share": 0.25, "slowdown": 3},
+    )
+    a = _sim(tmp_path / "a", name, extra, **kw)
+    b = _sim(tmp_path / "b", name, extra, **kw)
+    log_a = (Path(a["run_dir"]) / "events.jsonl").read_bytes()
+    assert log_a == (Path(b["run_dir"]) / "events.jsonl").read_bytes()
+    c = _sim(tmp_path / "c", name, extra, **{**kw, "seed": 2})
+    assert log_a != (Path(c["run_dir"]) / "events.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize(("name", "extra"), SUITE, ids=NAMES)
+def test_drains_cleanly_and_reports_its_counts(tmp_path, name, extra):
+    s = _sim(tmp_path, name, extra, task="quadratic", dim=8, max_gradients=400, simulation={"latency": 0.002})
+    assert s["drained"]
+    assert s["algorithm"] == name
+    per_worker = s["per_worker"]
+    assert sum(w["computed"] for w in per_worker) == s["gradients_computed"] >= 400
+    assert s["gradients_lost"] == 0
+    contract = ALGORITHMS[name].replicas
+    assert s["replicas"] == contract
+    if contract in ("all", "ids", "server"):
+        assert s["exactly_once"] is True
+    if contract == "all":
+        assert s["replicas_agree"] is True
+    st = s["staleness"]
+    for key in ("s_avg", "s_max", "loose_avg", "loose_max"):
+        assert st[key] >= 0
+    assert st["s_avg"] <= st["loose_avg"] and st["s_max"] <= st["loose_max"]
+    assert all(w["sent_messages"] > 0 for w in per_worker if w["computed"] or name == "ps-asgd")
+
+
+@pytest.mark.parametrize(("name", "extra"), SUITE, ids=NAMES)
+def test_runs_in_real_processes(tmp_path, name, extra):
+    import dasgd
+
+    s = dasgd.train(
+        task="digits-logreg",
+        workers=3,
+        algorithm=name,
+        max_gradients=1200,
+        run_dir=str(tmp_path / name),
+        drain_timeout=30,
+        **extra,
+    )
+    assert s["drained"] and s["gradients_lost"] == 0
+    assert s["gradients_computed"] >= 1200
+    assert s["final_metrics"]["test_accuracy"] > 0.8
+
+
+# -- oracles ---------------------------------------------------------------------------------------------
+def _workers(name: str, n: int, **kw):
+    spec = resolve_spec({}, task="digits-logreg", workers=n, algorithm=name, seed=5, **kw)
+    task = build_task(spec)
+    resolved = resolve(spec)
+    return spec, task, resolved, [build_worker(spec, r, task, resolved) for r in range(n)]
+
+
+def _lockstep(workers, steps: int) -> None:
+    """Each worker computes and commits in turn, then everything sent is delivered (zero delay)."""
+    net = InProcessNetwork(len(workers), coalesce=False)
+    ends = [net.endpoint(r) for r in range(len(workers))]
+    for _ in range(steps):
+        for w, t in zip(workers, ends):
+            if w.computes:
+                assert w.ready
+                send_all(t, w.commit(w.compute()))
+        for _ in range(3):  # replies to replies (a server's model) need more than one round
+            for w, t in zip(workers, ends):
+                send_all(t, w.receive(t.poll()))
+
+
+def test_sync_equals_mean_gradient_sgd_and_local_sgd_with_h1_equals_sync():
+    _, task, _, sync = _workers("sync", 3)
+    _lockstep(sync, 20)
+    # Independent oracle: one model, each step the mean of the three workers' batch gradients.
+    spec, task, resolved, _ = _workers("sync", 3)
+    model = task.build_model(spec.seed)
+    samplers = [build_sampler(spec, r, task, resolved) for r in range(3)]
+    with torch.no_grad():
+        x = torch.nn.utils.parameters_to_vector(model.parameters()).clone()
+    for _ in range(20):
+        grads = []
+        for s in samplers:
+            torch.nn.utils.vector_to_parameters(x, model.parameters())
+            model.zero_grad()
+            task.loss(model, s.next()).backward()
+            grads.append(torch.cat([p.grad.reshape(-1) for p in model.parameters()]))
+        x = x - resolved.lr * torch.stack(grads).mean(0)
+    for w in sync:
+        torch.testing.assert_close(w.params, x.to(w.params.dtype), rtol=1e-5, atol=1e-6)
+    _, _, _, local = _workers("local-sgd", 3, local_steps=1)
+    _lockstep(local, 20)
+    for w in local:
+        torch.testing.assert_close(w.params, x.to(w.params.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_ps_asgd_with_one_worker_is_sequential_sgd():
+    spec, task, resolved, ws = _workers("ps-asgd", 2)
+    assert not ws[0].computes and ws[1].computes
+    _lockstep(ws, 25)
+    model = task.build_model(spec.seed)
+    sampler = build_sampler(spec, 1, task, resolved)
+    opt = torch.optim.SGD(model.parameters(), lr=resolved.lr)
+    for _ in range(25):
+        opt.zero_grad()
+        task.loss(model, sampler.next()).backward()
+        opt.step()
+    expect = torch.nn.utils.parameters_to_vector(model.parameters()).detach()
+    for w in ws:  # the server applied them; the worker pulled the server's model back
+        torch.testing.assert_close(w.params, expect, rtol=1e-5, atol=1e-6)
+    assert ws[0].clock.tolist() == [0, 25] == ws[1].clock.tolist()
+
+
+def test_gossip_keeps_replicas_closer_than_no_communication(tmp_path):
+    gossip = _sim(tmp_path, "gossip", {}, task="quadratic", dim=20, max_gradients=800, lr=0.05)
+    alone = _sim(
+        tmp_path, "local-sgd", {"local_steps": 10_000}, task="quadratic", dim=20, max_gradients=800, lr=0.05
+    )
+    assert gossip["algorithm_counts"]["exchanges"] > 50
+    assert gossip["max_replica_diff"] < 0.5 * alone["max_replica_diff"]
+
+
+def test_receiver_staleness_counts_what_the_receiver_holds_beyond_the_senders_model():
+    held = np.array([5, 3, 7])
+    msg = Message(Kind.GRADIENT, 1, 1, 2, 3, torch.zeros(1), np.array([4, 2, 1]))
+    # Held beyond the model: 1 of worker 0, 1 of worker 1 (its own id 2, excluded), 6 of worker 2.
+    assert receiver_staleness(held, msg) == 1 + 6
+    assert receiver_staleness(held, Message(Kind.GRADIENT, 1, 1, 2, 3, torch.zeros(1), None)) == 0
+
+
+def test_cap_drops_and_counts_stale_gradients_and_damping_shrinks_the_step(tmp_path):
+    cap = _sim(tmp_path, "dasgd-cap", {"staleness_bound": 1}, task="quadratic", dim=8, max_gradients=400)
+    assert cap["algorithm_counts"]["capped"] > 0
+    assert cap["algorithm_counts"]["dropped"] == cap["algorithm_counts"]["capped"]
+    # Damping: a gradient of staleness s = bound is applied with half the stepsize.
+    spec, _, _, ws = _workers("dasgd-damped", 3, staleness_bound=4)
+    w = ws[0]
+    w.clock[:] = [0, 1, 4]  # holds one gradient of worker 1 and four of worker 2
+    before = w.params.clone()
+    g = torch.ones_like(w.params)
+    w.receive([Message(Kind.GRADIENT, 1, 1, 1, 2, g, np.array([0, 1, 0]))])  # the model lacked 4
+    torch.testing.assert_close(w.params, before - (w.lr / 2) * g)
+
+
+def test_setups_an_algorithm_cannot_use_are_refused_with_a_clear_error():
+    for name in ("sync", "ps-asgd", "local-sgd"):
+        with pytest.raises(SpecError, match="complete"):
+            resolve(resolve_spec({}, task="quadratic", workers=4, algorithm=name, topology="ring"))
+    with pytest.raises(SpecError, match="grads-per-message"):
+        resolve(resolve_spec({}, task="quadratic", workers=4, algorithm="sync", grads_per_message=2))
+    with pytest.raises(SpecError, match="workers 2"):
+        resolve(resolve_spec({}, task="quadratic", workers=1, algorithm="ps-asgd"))
+    assert make_algorithm("gossip", AlgorithmParams(seed=3)).params.seed == 3
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_sync_matches_pytorch_ddp_parameter_for_parameter(tmp_path):
+    """Same seeds, same data order: dasgd's sync and DDP hold the same parameters after N steps."""
+    n, steps = 2, 15
+    _, _, _, sync = _workers("sync", n)
+    _lockstep(sync, steps)
+    port = _free_port()
+    env = {
+        **os.environ,
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(port),
+        "WORLD_SIZE": str(n),
+        "GLOO_SOCKET_IFNAME": "lo",
+        "OMP_NUM_THREADS": "1",
+    }
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(SCRIPTS / "ddp_reference.py"), str(steps), str(tmp_path / f"r{r}.npy")],
+            env={**env, "RANK": str(r)},
+        )
+        for r in range(n)
+    ]
+    try:
+        for p in procs:
+            assert p.wait(timeout=120) == 0
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    for r in range(n):
+        ddp = torch.from_numpy(np.load(tmp_path / f"r{r}.npy"))
+        torch.testing.assert_close(sync[r].params, ddp.to(sync[r].params.dtype), rtol=1e-5, atol=1e-6)
