@@ -16,14 +16,18 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 __all__ = [
     "ChildFailed",
+    "DDPConfig",
     "OtherLoad",
     "command_line",
     "cpu_busy",
+    "ddp_rank",
+    "first_hit",
     "machine_facts",
     "median",
     "print_header",
@@ -247,3 +251,144 @@ def run_ranks(script: str, args: Sequence[str], world_size: int, timeout: float)
                 )
             results.append(json.loads(path.read_text()))
         return results
+
+
+def first_hit(evals: Sequence[dict[str, Any]], target: float) -> dict[str, Any] | None:
+    """The first evaluation (in the order given) whose test accuracy is at least ``target``, or None."""
+    for row in evals:
+        if row["test_accuracy"] >= target:
+            return row
+    return None
+
+
+@dataclass(frozen=True)
+class DDPConfig:
+    """What one PyTorch DDP baseline run does (every rank gets the same config).
+
+    The model, per-rank mini-batch streams and stepsize are dasgd's for the same task and seed:
+    ``task.build_model(seed)``, ``task.sampler(sampler_seed(RunSpec(seed=seed), rank), batch_size)`` and
+    ``lr`` (DDP averages the ranks' gradients, like dasgd's mini-batch SGD baseline).
+    """
+
+    task: str
+    slowdown: float
+    """How much slower rank ``slow_rank`` is (1.0: no straggler)."""
+    slow_rank: int
+    eval_every: float
+    """Seconds between rank 0's evaluations (counted from the end of the previous one)."""
+    target: float
+    """Test accuracy at which every rank stops."""
+    max_seconds: float
+    batch_size: int
+    lr: float
+    seed: int = 0
+    stop_check_every: int = 10
+    """Iterations between the ranks' stop agreements (a one-element all-reduce, outside the measured time)."""
+
+    def to_args(self) -> list[str]:
+        """The config as command-line words (``ddp_rank`` children get it as one JSON argument)."""
+        return [json.dumps(asdict(self))]
+
+    @classmethod
+    def from_args(cls, words: Sequence[str]) -> DDPConfig:
+        """The inverse of :meth:`to_args`."""
+        return cls(**json.loads(words[0]))
+
+
+def ddp_rank(config: DDPConfig, result: str) -> None:
+    """One DDP rank: train until rank 0 sees the target (or ``max_seconds``), write the JSON result, exit.
+
+    Runs in its own process under the environment :func:`run_ranks` sets. Each iteration does what dasgd's
+    loop does, in its order: apply what arrived (the averaged gradient of the previous all-reduce,
+    ``optimizer.step()``), evaluate if due (rank 0, ``task.evaluate(model, full=False)``), compute the next
+    gradient. The slow rank emulates its straggler as dasgd does (``LoopConfig.slowdown``): once the backward
+    pass filled the gradient bucket it waits (slowdown - 1) x the time the iteration took so far, inside a
+    DDP communication hook, before the all-reduce (the benchmarked models fit in one bucket). The result holds
+    rank 0's evaluations (``time``, ``gradients`` = ranks x steps applied, metrics), steps, and mean compute
+    and step times. The process leaves with ``os._exit(0)`` (see the end of the function).
+    """
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+    from torch.nn.parallel import DistributedDataParallel
+
+    from dasgd.experiments.spec import RunSpec
+    from dasgd.runtime.build import sampler_seed
+    from dasgd.tasks import make_task
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    world = dist.get_world_size()
+    factor = config.slowdown if rank == config.slow_rank else 1.0
+    task = make_task(config.task)
+    model = task.build_model(config.seed)
+    ddp = DistributedDataParallel(model)
+    sampler = task.sampler(sampler_seed(RunSpec(seed=config.seed), rank), config.batch_size)
+    optimizer = torch.optim.SGD(ddp.parameters(), lr=config.lr)
+
+    step_start = [0.0]
+    compute: list[float] = []
+
+    # No annotations here on purpose: DDP checks the hook's annotations against the real classes, and
+    # `from __future__ import annotations` would turn them into strings that fail that check.
+    def straggle_then_allreduce(state, bucket):  # type: ignore[no-untyped-def]
+        # Called once the backward pass has filled the (single) gradient bucket: the local work is done.
+        elapsed = time.time() - step_start[0]
+        compute.append(elapsed)
+        if factor > 1.0:
+            time.sleep((factor - 1.0) * elapsed)
+        return allreduce_hook(None, bucket)  # type: ignore[arg-type]
+
+    ddp.register_comm_hook(None, straggle_then_allreduce)
+    dist.barrier()
+    origin = time.time()
+    evals: list[dict[str, float]] = []
+    next_eval = 0.0
+    steps = 0
+    reached = False
+    step_times: list[float] = []
+    eval_s: list[float] = []
+    iterations = 0
+    pending = False
+    # The stop agreement comes first in the iteration so that its wait is not counted in the step time.
+    while True:
+        if iterations % config.stop_check_every == 0:
+            stop = reached or time.time() - origin >= config.max_seconds
+            flag = torch.tensor([1.0 if stop else 0.0])
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            if flag.item() > 0:
+                break
+        t_iter = time.time()
+        step_start[0] = t_iter
+        if pending:
+            optimizer.step()
+            steps += 1
+        now = time.time() - origin
+        if rank == 0 and now >= next_eval:
+            metrics = task.evaluate(model, full=False)
+            eval_s.append(time.time() - origin - now)
+            evals.append({"time": now, "gradients": float(world * steps), **metrics})
+            reached = reached or metrics["test_accuracy"] >= config.target
+            next_eval = time.time() - origin + config.eval_every
+        optimizer.zero_grad(set_to_none=True)
+        task.loss(ddp, sampler.next()).backward()
+        pending = True
+        iterations += 1
+        step_times.append(time.time() - t_iter)
+    out = {
+        "rank": rank,
+        "slowdown": factor,
+        "steps": steps,
+        "mean_compute_s": float(np.mean(compute)) if compute else 0.0,
+        "mean_step_s": float(np.mean(step_times)) if step_times else 0.0,
+        "evals": evals,
+        "eval_s": eval_s,
+    }
+    Path(result).write_text(json.dumps(out))
+    dist.barrier()  # nobody leaves while another rank still uses the connections
+    sys.stdout.flush()
+    # Tearing the group down (destroy_process_group) after DDP with a communication hook sometimes aborts
+    # the process in Gloo ("terminate called without an active exception"); everything is written, so leave.
+    os._exit(0)

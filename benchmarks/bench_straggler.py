@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import os
 import sys
 import tempfile
@@ -111,92 +110,21 @@ def run_dasgd(straggler: bool, eval_every: float) -> dict[str, Any]:
 
 def ddp_child(slowdown: float, eval_every: float, result: str) -> None:
     """One DDP rank (runs in its own process under the environment ``_common.run_ranks`` sets)."""
-    import numpy as np
-    import torch
-    import torch.distributed as dist
-    from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
-    from torch.nn.parallel import DistributedDataParallel
+    from dasgd.tasks import default_lr
 
-    from dasgd.experiments.spec import RunSpec
-    from dasgd.runtime.build import sampler_seed
-    from dasgd.tasks import default_lr, make_task
-
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo")
-    rank = dist.get_rank()
-    factor = slowdown if rank == SLOW_RANK else 1.0
-    task = make_task(TASK)
-    model = task.build_model(SEED)
-    ddp = DistributedDataParallel(model)
-    sampler = task.sampler(sampler_seed(RunSpec(seed=SEED), rank), BATCH_SIZE)
-    optimizer = torch.optim.SGD(ddp.parameters(), lr=default_lr(TASK))
-
-    step_start = [0.0]
-    compute: list[float] = []
-
-    # No annotations here on purpose: DDP checks the hook's annotations against the real classes, and
-    # `from __future__ import annotations` would turn them into strings that fail that check.
-    def straggle_then_allreduce(state, bucket):  # type: ignore[no-untyped-def]
-        # Called once the backward pass has filled the (single) gradient bucket: the local work is done.
-        elapsed = time.time() - step_start[0]
-        compute.append(elapsed)
-        if factor > 1.0:
-            time.sleep((factor - 1.0) * elapsed)
-        return allreduce_hook(None, bucket)  # type: ignore[arg-type]
-
-    ddp.register_comm_hook(None, straggle_then_allreduce)
-    dist.barrier()
-    origin = time.time()
-    evals: list[dict[str, float]] = []
-    next_eval = 0.0
-    steps = 0
-    reached = False
-    step_times: list[float] = []
-    eval_s: list[float] = []
-    iterations = 0
-    pending = False
-    # The iteration mirrors dasgd's loop: apply what arrived (here: the averaged gradient of the last
-    # all-reduce), evaluate if due, compute. The straggler's wait covers the whole iteration up to the
-    # gradient, as in LoopConfig.slowdown; the stop agreement comes first so that its wait is not counted.
-    while True:
-        if iterations % STOP_CHECK_EVERY == 0:
-            stop = reached or time.time() - origin >= MAX_SECONDS
-            flag = torch.tensor([1.0 if stop else 0.0])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-            if flag.item() > 0:
-                break
-        t_iter = time.time()
-        step_start[0] = t_iter
-        if pending:
-            optimizer.step()
-            steps += 1
-        now = time.time() - origin
-        if rank == 0 and now >= next_eval:
-            metrics = task.evaluate(model, full=False)
-            eval_s.append(time.time() - origin - now)
-            evals.append({"time": now, "gradients": float(WORKERS * steps), **metrics})
-            reached = reached or metrics["test_accuracy"] >= TARGET
-            next_eval = time.time() - origin + eval_every
-        optimizer.zero_grad(set_to_none=True)
-        task.loss(ddp, sampler.next()).backward()
-        pending = True
-        iterations += 1
-        step_times.append(time.time() - t_iter)
-    out = {
-        "rank": rank,
-        "slowdown": factor,
-        "steps": steps,
-        "mean_compute_s": float(np.mean(compute)) if compute else 0.0,
-        "mean_step_s": float(np.mean(step_times)) if step_times else 0.0,
-        "evals": evals,
-        "eval_s": eval_s,
-    }
-    Path(result).write_text(json.dumps(out))
-    dist.barrier()  # nobody leaves while the other still uses the connections
-    sys.stdout.flush()
-    # Tearing the group down (destroy_process_group) after DDP with a communication hook sometimes aborts
-    # the process in Gloo ("terminate called without an active exception"); everything is written, so leave.
-    os._exit(0)
+    config = _common.DDPConfig(
+        task=TASK,
+        slowdown=slowdown,
+        slow_rank=SLOW_RANK,
+        eval_every=eval_every,
+        target=TARGET,
+        max_seconds=MAX_SECONDS,
+        batch_size=BATCH_SIZE,
+        lr=default_lr(TASK),
+        seed=SEED,
+        stop_check_every=STOP_CHECK_EVERY,
+    )
+    _common.ddp_rank(config, result)
 
 
 def run_ddp(slowdown: float, eval_every: float) -> dict[str, Any]:

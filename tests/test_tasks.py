@@ -242,7 +242,7 @@ def test_evaluate_leaves_model_alone_and_subsets(mnist: Task) -> None:
     before = _params(model)
     full = mnist.evaluate(model)
     cheap = mnist.evaluate(model, full=False)
-    assert set(full) == set(cheap) == {"test_loss", "test_accuracy", "train_loss"}
+    assert set(full) == set(cheap) == {"test_loss", "test_accuracy", "train_loss", "grad_norm_sq"}
     assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
     assert all(p.grad is None for p in model.parameters())
     assert cheap["train_loss"] == full["train_loss"]  # the same fixed train subset

@@ -30,7 +30,10 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
         "--task", help="quadratic | digits-logreg | mnist-logreg | fashion-cnn (default mnist-logreg)"
     )
     p.add_argument("--workers", type=int, help="number of workers (default 4)")
-    p.add_argument("--algorithm", help="algorithm (default dasgd)")
+    p.add_argument(
+        "--algorithm",
+        help="dasgd (default) | sync | ps-asgd | local-sgd | gossip | dasgd-cap | dasgd-damped (docs/algorithms.md)",
+    )
     p.add_argument("--topology", help="complete | ring | torus | torus:RxC | random-regular:D | edges:PATH")
     p.add_argument("--lr", type=float, help="fixed stepsize (default: the task's)")
     p.add_argument("--batch-size", type=int, help="mini-batch size per gradient (default: the task's)")
@@ -51,6 +54,14 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
         help="make a worker slower, e.g. 1x5 (repeatable)",
     )
     p.add_argument("--grads-per-message", type=int, help="own gradients summed per message, B (default 1)")
+    p.add_argument("--local-steps", type=int, metavar="H", help="local-sgd: local steps between averages (8)")
+    p.add_argument(
+        "--staleness-bound",
+        type=int,
+        metavar="S",
+        help="dasgd-cap: largest staleness applied in full; dasgd-damped: staleness that halves the step",
+    )
+    p.add_argument("--cap-scale", type=float, help="dasgd-cap: factor for staler gradients (0 drops them)")
     p.add_argument("--dim", type=int, help="quadratic: dimension")
     p.add_argument("--noise", type=float, help="quadratic: gradient noise sigma")
     p.add_argument("--condition", type=float, help="quadratic: condition number L/mu")
@@ -172,6 +183,12 @@ def build_parser() -> argparse.ArgumentParser:
     simulate.add_argument("--json", action="store_true", help="print the summary (a sweep: its rows) as JSON")
     report = sub.add_parser("report", help="rebuild metrics.csv, plots and report.md of a run directory")
     report.add_argument("run_dir", metavar="RUN_DIR")
+    from dasgd.cli_compare import add_compare_parser
+
+    add_compare_parser(sub)
+    from dasgd.cli_theory import add_theory_parser
+
+    add_theory_parser(sub)
     return parser
 
 
@@ -293,7 +310,7 @@ def _train(args: argparse.Namespace) -> int:
         )
     if summary.get("gradients_lost", 0):
         problems.append(f"{summary['gradients_lost']} gradients are missing from some replica")
-    if not summary.get("replicas_agree", False):
+    if summary.get("replicas_agree") is False:
         problems.append("the replicas do not agree at the end")
     for problem in problems:
         print(f"dasgd: warning: {problem}", file=sys.stderr)
@@ -467,7 +484,7 @@ def _simulate_one(args: argparse.Namespace) -> int:
     problems = []
     if summary.get("gradients_lost", 0):
         problems.append(f"{summary['gradients_lost']} gradients are missing from some replica")
-    if not summary.get("replicas_agree", False):
+    if summary.get("replicas_agree") is False:
         problems.append("the replicas do not agree at the end")
     if not summary.get("drained", True):
         problems.append("the end-of-run drain did not complete (a replica still misses gradients)")
@@ -568,6 +585,14 @@ def main(argv: list[str] | None = None) -> int:
             return _simulate(args)
         if args.command == "report":
             return _report(args)
+        if args.command == "compare":
+            from dasgd.cli_compare import run_compare
+
+            return run_compare(args)
+        if args.command == "theory":
+            from dasgd.cli_theory import run_theory
+
+            return run_theory(args)
     except (SpecError, DatasetMissing, TaskError, TopologyError) as exc:
         print(f"dasgd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE

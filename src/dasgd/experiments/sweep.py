@@ -44,6 +44,8 @@ __all__ = [
     "SweepOutcome",
     "SweepPlan",
     "SweepPoint",
+    "csv_cell",
+    "finished_summary",
     "format_sweep_table",
     "loss_to_target",
     "parse_sweep",
@@ -340,9 +342,13 @@ def loss_to_target(evals: Sequence[Mapping[str, Any]], target: float) -> tuple[i
     return None, None
 
 
-def _finished_summary(point: SweepPoint) -> dict[str, Any] | None:
-    """The point's summary if it already ran to the end with the same spec, else None."""
-    d = point.run_dir
+def finished_summary(run_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
+    """The summary in ``run_dir`` if a run of ``spec`` already finished there, else None.
+
+    Finished means ``summary.json`` and ``report.md`` (the last file a run writes) exist and ``spec.yaml``
+    resolves to ``spec`` (ignoring ``run_dir``). Real and simulated runs write the same files.
+    """
+    d = Path(run_dir)
     if not all((d / f).is_file() for f in ("summary.json", "report.md", "spec.yaml")):
         return None
     try:
@@ -350,9 +356,13 @@ def _finished_summary(point: SweepPoint) -> dict[str, Any] | None:
         summary = json.loads((d / "summary.json").read_text())
     except (SpecError, ValueError, OSError):
         return None  # unreadable or from another version: run it again
-    if dataclasses.replace(old, run_dir=None) != dataclasses.replace(point.spec, run_dir=None):
+    if dataclasses.replace(old, run_dir=None) != dataclasses.replace(spec, run_dir=None):
         return None
     return summary if isinstance(summary, dict) else None
+
+
+def _finished_summary(point: SweepPoint) -> dict[str, Any] | None:
+    return finished_summary(point.run_dir, point.spec)
 
 
 def _reset_peak_memory() -> None:
@@ -458,7 +468,8 @@ def _columns(plan: SweepPlan) -> list[str]:
     return [a.key for a in plan.axes] + list(SWEEP_COLUMNS)
 
 
-def _csv_cell(value: Any) -> str:
+def csv_cell(value: Any) -> str:
+    """A table value as a CSV cell: None empty, booleans as true/false, floats in full (repr)."""
     if value is None:
         return ""
     if isinstance(value, bool):
@@ -475,7 +486,7 @@ def _write_csv(plan: SweepPlan, rows: Sequence[Mapping[str, Any]]) -> Path:
         writer = csv.writer(fh)
         writer.writerow(columns)
         for row in rows:
-            writer.writerow([_csv_cell(row.get(c)) for c in columns])
+            writer.writerow([csv_cell(row.get(c)) for c in columns])
     return path
 
 

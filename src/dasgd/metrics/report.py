@@ -283,6 +283,9 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     lines += ["", "## Per worker", ""]
     lines += _per_worker_lines(summary.get("per_worker"))
     lines.append("")
+    from dasgd.metrics.theory_report import report_section  # imports torch: only when a report is written
+
+    lines += report_section(run_dir)
     plot_lines = _plot_lines(run_dir)
     if plot_lines:
         lines += ["## Plots", "", *plot_lines]

@@ -214,7 +214,8 @@ def _to_target(spec: RunSpec, evals: list[dict]) -> dict[str, Any]:
     """Time and gradients at the first evaluation that reached the target accuracy (None if never)."""
     if spec.target_accuracy is None:
         return {}
-    for e in sorted(evals, key=lambda e: e["time"]):
+    # The end-of-run evaluation (marked "final", after the drain) is left out: its time includes the drain.
+    for e in sorted((e for e in evals if not e.get("final")), key=lambda e: e["time"]):
         acc = e.get("test_accuracy")
         if acc is not None and acc >= spec.target_accuracy:
             return {

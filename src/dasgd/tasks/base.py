@@ -88,10 +88,23 @@ class Task(ABC):
 
     @abstractmethod
     def evaluate(self, model: torch.nn.Module, *, full: bool = True) -> dict[str, float]:
-        """Metrics of ``model``, computed under ``torch.no_grad()`` without modifying the model.
+        """Metrics of ``model``, computed without modifying the model (no parameter or ``.grad`` changes).
 
-        ``full=False`` allows a cheaper estimate on fixed subsets (for checks during training).
+        ``full=False`` allows a cheaper estimate on fixed subsets (for checks during training). Besides its own
+        metrics, every task reports what the convergence theory needs (dasgd.metrics.theory_report):
+        ``grad_norm_sq``, the squared norm of the full gradient of the training objective at ``model``, and
+        the training objective itself, as ``train_loss`` (or ``loss`` where that is the training objective,
+        as for the quadratic). Both are computed on the same fixed data whatever ``full`` is.
         """
+
+    def theory_constants(self, batch_size: int) -> dict[str, float]:
+        """Constants of the convergence theory this task knows exactly, for gradients of ``batch_size``.
+
+        Keys (each optional): ``"L"`` (smoothness), ``"sigma_sq"`` (``E ||g - grad f||^2`` of one mini-batch
+        gradient), ``"f_star"`` (the minimum), ``"f_star_lower"`` (a lower bound on the minimum, e.g. 0 for a
+        non-negative loss). The default knows nothing: ``{}``.
+        """
+        return {}
 
     @property
     @abstractmethod

@@ -31,10 +31,14 @@ from dasgd.tasks.base import (
 )
 from dasgd.tasks.datasets import Dataset
 
-__all__ = ["EVAL_SUBSET_SIZE", "ClassificationTask", "logistic_regression", "small_cnn"]
+__all__ = ["EVAL_SUBSET_SIZE", "TRAIN_SUBSET_SIZE", "ClassificationTask", "logistic_regression", "small_cnn"]
 
 EVAL_SUBSET_SIZE = 2_000
-"""Size of the fixed train subset for ``train_loss`` and of the test subset used when ``full=False``."""
+"""Size of the fixed test subset used when ``full=False``."""
+
+TRAIN_SUBSET_SIZE = 8_192
+"""Default size of the fixed training subset on which ``train_loss`` and ``grad_norm_sq`` are computed: the
+training objective the convergence theory is checked on (the whole training split when it is smaller)."""
 
 _EVAL_SUBSET_SEED = 0xE7A1
 _EVAL_CHUNK = 1_000  # rows per forward pass in evaluate(): bounds the CNN's activation memory
@@ -78,8 +82,9 @@ class ClassificationTask(Task):
     """Cross-entropy classification of a :class:`Dataset` by a model from ``model_factory``.
 
     Sampling is from the training split; :meth:`evaluate` reports ``test_loss`` and ``test_accuracy`` on the
-    test split (or on a fixed subset of ``EVAL_SUBSET_SIZE`` test samples when ``full=False``) and
-    ``train_loss`` on a fixed subset of ``EVAL_SUBSET_SIZE`` training samples (the whole split if smaller).
+    test split (or on a fixed subset of ``EVAL_SUBSET_SIZE`` test samples when ``full=False``), and the
+    training objective ``train_loss`` with the squared norm of its gradient ``grad_norm_sq`` on a fixed subset
+    of ``train_subset_size`` training samples (the whole split if smaller), whatever ``full`` is.
     """
 
     def __init__(
@@ -88,14 +93,27 @@ class ClassificationTask(Task):
         dataset: Dataset,
         model_factory: Callable[[], torch.nn.Module],
         model_kind: str,
+        train_subset_size: int = TRAIN_SUBSET_SIZE,
     ) -> None:
-        """A task called ``name`` training ``model_factory()`` (a meta-device module) on ``dataset``."""
+        """A task called ``name`` training ``model_factory()`` (a meta-device module) on ``dataset``.
+
+        ``train_subset_size`` sets the training subset of ``train_loss`` and ``grad_norm_sq``; a gradient over
+        it costs about three forward passes per sample, so a model that is costly to evaluate takes a smaller
+        one.
+        """
+        if (
+            isinstance(train_subset_size, bool)
+            or not isinstance(train_subset_size, int)
+            or train_subset_size < 1
+        ):
+            raise TaskError(f"train_subset_size must be a positive integer, got {train_subset_size!r}")
         self.name = name
         self._dataset = dataset
         self._model_factory = model_factory
         self._model_kind = model_kind
-        self._train_subset = _fixed_subset(dataset.train_size, _EVAL_SUBSET_SEED)
-        self._test_subset = _fixed_subset(dataset.test_size, _EVAL_SUBSET_SEED + 1)
+        self._train_subset = _fixed_subset(dataset.train_size, _EVAL_SUBSET_SEED, train_subset_size)
+        self._test_subset = _fixed_subset(dataset.test_size, _EVAL_SUBSET_SEED + 1, EVAL_SUBSET_SIZE)
+        self._train_count = dataset.train_size if self._train_subset is None else self._train_subset.numel()
 
     @property
     def dataset(self) -> Dataset:
@@ -127,13 +145,33 @@ class ClassificationTask(Task):
         return IndexSampler(self._dataset.train_x, self._dataset.train_y, indices, batch_size, int(seed))
 
     def evaluate(self, model: torch.nn.Module, *, full: bool = True) -> dict[str, float]:
-        """``{"test_loss", "test_accuracy", "train_loss"}``; ``full=False`` uses the fixed test subset."""
+        """``{"test_loss", "test_accuracy", "train_loss", "grad_norm_sq"}``; ``full=False`` uses the fixed test
+        subset. ``train_loss`` and ``grad_norm_sq`` are always on the fixed training subset."""
         data = self._dataset
         with torch.no_grad():
             test_rows = None if full else self._test_subset
             test_loss, test_accuracy = self._loss_and_accuracy(model, data.test_x, data.test_y, test_rows)
-            train_loss, _ = self._loss_and_accuracy(model, data.train_x, data.train_y, self._train_subset)
-        return {"test_loss": test_loss, "test_accuracy": test_accuracy, "train_loss": train_loss}
+        train_loss, grad_norm_sq = self._objective(model)
+        return {
+            "test_loss": test_loss,
+            "test_accuracy": test_accuracy,
+            "train_loss": train_loss,
+            "grad_norm_sq": grad_norm_sq,
+        }
+
+    def theory_constants(self, batch_size: int) -> dict[str, float]:
+        """``{"f_star_lower": 0.0}``: cross-entropy is non-negative; nothing else is known exactly.
+
+        Raises:
+            TaskError: ``batch_size`` is not a positive integer.
+        """
+        check_sampler_args(0, batch_size, None, size=None)
+        return {"f_star_lower": 0.0}
+
+    @property
+    def train_subset_size(self) -> int:
+        """How many training samples ``train_loss`` and ``grad_norm_sq`` are computed on."""
+        return self._train_count
 
     def describe(self) -> dict[str, object]:
         """Name, dataset, model kind, parameter count, split sizes, input shape and (no) options."""
@@ -148,8 +186,37 @@ class ClassificationTask(Task):
             "test_size": data.test_size,
             "num_classes": data.num_classes,
             "input_shape": list(data.train_x.shape[1:]),
+            "train_subset_size": self._train_count,
             "options": {},
         }
+
+    def _objective(self, model: torch.nn.Module) -> tuple[float, float]:
+        """Mean cross-entropy on the fixed training subset and the squared norm of its gradient.
+
+        ``torch.autograd.grad`` returns the gradient without touching the parameters' ``.grad``, so a worker's
+        own gradient computation is unaffected.
+        """
+        data = self._dataset
+        params = [p for p in model.parameters() if p.requires_grad]
+        device = params[0].device
+        rows = self._train_subset
+        total = torch.zeros((), dtype=torch.float64)
+        sums = [torch.zeros_like(p) for p in params]
+        with torch.enable_grad():
+            for start in range(0, self._train_count, _EVAL_CHUNK):
+                if rows is None:
+                    xs = data.train_x[start : start + _EVAL_CHUNK]
+                    ys = data.train_y[start : start + _EVAL_CHUNK]
+                else:
+                    chunk = rows[start : start + _EVAL_CHUNK]
+                    xs, ys = data.train_x[chunk], data.train_y[chunk]
+                loss = F.cross_entropy(model(xs.to(device)), ys.to(device), reduction="sum")
+                for acc, g in zip(sums, torch.autograd.grad(loss, params)):
+                    acc.add_(g)
+                total += loss.detach().to("cpu", torch.float64)
+        count = self._train_count
+        norm_sq = sum(float(torch.sum((acc.to(torch.float64) / count) ** 2)) for acc in sums)
+        return float(total) / count, norm_sq
 
     @staticmethod
     def _loss_and_accuracy(
@@ -173,9 +240,9 @@ class ClassificationTask(Task):
         return total_loss / count, correct / count
 
 
-def _fixed_subset(size: int, seed: int) -> torch.Tensor | None:
-    """Sorted indices of a fixed random subset of ``EVAL_SUBSET_SIZE`` rows, or None when that is all rows."""
-    if size <= EVAL_SUBSET_SIZE:
+def _fixed_subset(size: int, seed: int, count: int) -> torch.Tensor | None:
+    """Sorted indices of a fixed random subset of ``count`` rows, or None when that is all rows."""
+    if size <= count:
         return None
-    rows = np.random.default_rng(seed).choice(size, EVAL_SUBSET_SIZE, replace=False)
+    rows = np.random.default_rng(seed).choice(size, count, replace=False)
     return torch.from_numpy(np.sort(rows).astype(np.int64))

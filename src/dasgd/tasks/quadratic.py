@@ -162,6 +162,7 @@ class QuadraticTask(Task):
     def evaluate(self, model: torch.nn.Module, *, full: bool = True) -> dict[str, float]:
         """Exact ``{"loss": f(x) - f*, "grad_norm_sq": ||grad f(x)||^2, "dist_sq": ||x - x*||^2}``.
 
+        ``loss`` is the training objective itself (``f* = 0``), so there is no separate ``train_loss``.
         ``full`` is accepted for interface compatibility; the values are always exact.
         """
         with torch.no_grad():
@@ -173,6 +174,15 @@ class QuadraticTask(Task):
                 "grad_norm_sq": float(torch.dot(gradient, gradient)),
                 "dist_sq": float(torch.dot(delta, delta)),
             }
+
+    def theory_constants(self, batch_size: int) -> dict[str, float]:
+        """The exact ``L`` (largest eigenvalue), ``sigma_sq = sigma^2 / batch_size`` and ``f_star = 0``.
+
+        Raises:
+            TaskError: ``batch_size`` is not a positive integer.
+        """
+        check_sampler_args(0, batch_size, None, size=None)
+        return {"L": self.smoothness, "sigma_sq": self._noise**2 / int(batch_size), "f_star": 0.0}
 
     def describe(self) -> dict[str, object]:
         """Name, parameter count, (unbounded) dataset sizes, options and the exact constants."""
