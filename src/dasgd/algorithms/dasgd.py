@@ -27,6 +27,7 @@ class DASGD(Algorithm):
 
     name = "dasgd"
     faithful = True
+    commutes = True
 
     def local_update(self, params: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
         """Apply this worker's own fresh gradient to ``params`` in place."""

@@ -40,6 +40,7 @@ def receiver_staleness(held: np.ndarray, msg: Message) -> int:
 
 class _StalenessAware(DASGD):
     faithful = False
+    commutes = False  # each message's own staleness decides its step
     replicas = "ids"
     needs_clocks = True
 

@@ -19,6 +19,7 @@ import numpy as np
 
 from dasgd.core.message import Message
 from dasgd.core.wire import encoded_size
+from dasgd.sim.bundles import LogIndex, bundled_window
 from dasgd.sim.events import EventKind, EventQueue
 from dasgd.sim.models import NetworkModel
 from dasgd.transport.base import TransportStats
@@ -62,6 +63,7 @@ class SimNetwork:
         seed: int,
         on_broadcast: Callable[[int, float], None] | None = None,
         coalesce: bool = True,
+        bundle: bool = False,
     ) -> None:
         self.n = n
         self._coalesce = coalesce
@@ -91,6 +93,8 @@ class SimNetwork:
         self._log_base = 0  # log position of _log_time[0]
         self._cursor = [0] * n
         self._retired = [False] * n
+        # Bundled polls (bundles.py): only for algorithms whose updates commute, chosen by the engine.
+        self._index: LogIndex | None = LogIndex() if bundle else None
         d = model.default
         self._simple = (
             not model.overrides and model.loss == 0 and d.latency_sigma == 0 and d.bandwidth == float("inf")
@@ -246,6 +250,8 @@ class SimNetwork:
         st.sent_bytes += live * self._size(msg)
         self._log_time.append(arrival)
         self._log_entry.append((arrival, self._seq, src, msg))
+        if self._index is not None:
+            self._index.append(src, msg)
         self._seq += 1
         if len(self._log_time) >= 4096 and len(self._log_time) % 4096 == 0:
             self._trim()
@@ -259,6 +265,8 @@ class SimNetwork:
         if drop > 0:
             del self._log_time[:drop]
             del self._log_entry[:drop]
+            if self._index is not None:
+                self._index.trim(drop)
             self._log_base = upto
 
     def retire(self, rank: int) -> None:
@@ -273,14 +281,39 @@ class SimNetwork:
             direct.append(heapq.heappop(inbox))
         start = self._cursor[rank] - self._log_base
         end = bisect_right(self._log_time, t, lo=start)
-        broadcast = [e for e in self._log_entry[start:end] if e[2] != rank]
         self._cursor[rank] = end + self._log_base
+        if self._index is not None and not direct and end - start > 1:
+            out, parts = bundled_window(self._index, self._log_entry, rank, start, end)
+            self.stats[rank].received_messages += parts
+            return out  # type: ignore[return-value]  # bundles stand in for runs of messages
+        broadcast = [e for e in self._log_entry[start:end] if e[2] != rank]
         if broadcast and direct:
             out = [e[-1] for e in heapq.merge(direct, broadcast, key=lambda e: (e[0], e[1]))]
         else:
             out = [e[-1] for e in (broadcast or direct)]
         self.stats[rank].received_messages += len(out)
         return out
+
+    @property
+    def simple(self) -> bool:
+        """Constant latency, unlimited bandwidth, no loss, no outages: messages to all go through one log."""
+        return self._simple and not self._outages
+
+    @property
+    def bundles(self) -> bool:
+        """Polls hand out bundles (sim/bundles.py)."""
+        return self._index is not None
+
+    def last_arrival(self, rank: int) -> float | None:
+        """When the last message now on its way to ``rank`` arrives (None if none is)."""
+        inbox = self._inboxes[rank]
+        best = max(e[0] for e in inbox) if inbox else None
+        start = self._cursor[rank] - self._log_base
+        for entry in reversed(self._log_entry[start:]):
+            if entry[2] != rank:
+                best = entry[0] if best is None else max(best, entry[0])
+                break
+        return best
 
     def next_arrival(self, rank: int) -> float | None:
         """When the next queued message reaches ``rank`` (None if none is on its way)."""
