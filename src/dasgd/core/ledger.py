@@ -202,6 +202,10 @@ def _explain_bad_ids(origin: np.ndarray, index: np.ndarray, end: np.ndarray, wor
     return LedgerError("records are not in per-origin id order")  # unreachable for consistent input
 
 
+_BLOCK_ENTRIES = 1 << 22
+"""Entries of each (rows, workers) block compute_staleness works on (32 MiB of int64)."""
+
+
 def compute_staleness(origin: Any, index: Any, end: Any, clock: Any) -> StalenessStats:
     """Exact staleness statistics of a run from its per-gradient records.
 
@@ -253,39 +257,51 @@ def compute_staleness(origin: Any, index: Any, end: Any, clock: Any) -> Stalenes
     # np.lexsort sorts by the last key first: (end, origin, index).
     order = np.lexsort((index_a, origin_a, end_a)).astype(np.int64)
     o_sorted = origin_a[order]
-    positions = np.arange(total, dtype=np.int64)
-
-    # counts[k, j] = C_j(k): an inclusive running count per origin, minus the row's own gradient.
-    counts = np.zeros((total, world), dtype=np.int64)
-    counts[positions, o_sorted] = 1
-    np.cumsum(counts, axis=0, out=counts)
-    counts[positions, o_sorted] -= 1
 
     # Gradient k must be its origin's C_o(k)-th: this one check rules out duplicates, gaps and ends that
     # go backwards within an origin, all of which would make "ids 0..C_j(k)-1" false.
-    if not np.array_equal(index_a[order], counts[positions, o_sorted]):
+    by_origin = np.argsort(o_sorted, kind="stable").astype(np.int64)
+    per_origin = np.bincount(o_sorted, minlength=world)
+    starts = np.zeros(world, dtype=np.int64)
+    np.cumsum(per_origin[:-1], out=starts[1:])
+    rank_in_origin = np.empty(total, dtype=np.int64)
+    rank_in_origin[by_origin] = np.arange(total, dtype=np.int64) - np.repeat(starts, per_origin)
+    if not np.array_equal(index_a[order], rank_in_origin):
         raise _explain_bad_ids(origin_a, index_a, end_a, world)
-
-    have = clock_a[order]
-    over = have > counts
-    anomalies = int(np.count_nonzero(over))
-    np.minimum(have, counts, out=have)
-    missing = counts  # reuse the buffer: C_j(k) - clamped clock, always >= 0 now
-    np.subtract(counts, have, out=missing)
-    per_gradient = missing.sum(axis=1)
 
     # The earliest missing gradient of origin j is j's id clock[k, j]; look up its global position.
     # Positions grouped by origin (stable) are in id order because ids follow global order per origin.
-    by_origin = np.argsort(o_sorted, kind="stable").astype(np.int64)
-    starts = np.zeros(world, dtype=np.int64)
-    np.cumsum(np.bincount(o_sorted, minlength=world)[:-1], out=starts[1:])
     # Trailing sentinel: a fully caught-up last origin would index one past the end (masked out below).
     lookup = np.concatenate([by_origin, np.array([total], dtype=np.int64)])
-    have += starts[None, :]
-    first = lookup[have]
-    first[missing == 0] = total
-    earliest = first.min(axis=1)
-    loose = np.where(earliest < total, positions - earliest, 0).astype(np.int64)
+    per_gradient = np.empty(total, dtype=np.int64)
+    loose = np.empty(total, dtype=np.int64)
+    anomalies = 0
+    # Rows in blocks, so the (T, N) intermediates are (block, N): a run of 10,000 workers has 10^8+ entries.
+    block = max(1, min(total, _BLOCK_ENTRIES // world))
+    running = np.zeros(world, dtype=np.int64)  # C_j at the start of the block
+    for b0 in range(0, total, block):
+        b1 = min(total, b0 + block)
+        rows = np.arange(b1 - b0, dtype=np.int64)
+        ob = o_sorted[b0:b1]
+        # counts[k, j] = C_j(k): an inclusive running count per origin, minus the row's own gradient.
+        counts = np.zeros((b1 - b0, world), dtype=np.int64)
+        counts[rows, ob] = 1
+        np.cumsum(counts, axis=0, out=counts)
+        counts += running
+        running = counts[-1].copy()
+        counts[rows, ob] -= 1
+        have = clock_a[order[b0:b1]]
+        anomalies += int(np.count_nonzero(have > counts))
+        np.minimum(have, counts, out=have)
+        missing = counts  # reuse the buffer: C_j(k) - clamped clock, always >= 0 now
+        np.subtract(counts, have, out=missing)
+        per_gradient[b0:b1] = missing.sum(axis=1)
+        have += starts[None, :]
+        first = lookup[have]
+        first[missing == 0] = total
+        earliest = first.min(axis=1)
+        positions = rows + b0
+        loose[b0:b1] = np.where(earliest < total, positions - earliest, 0)
 
     return StalenessStats(
         count=int(total),
@@ -339,7 +355,8 @@ class StalenessLedger:
             raise LedgerError(f"world_size must be >= 1, got {world}")
         self._world = world
         self._size = 0
-        capacity = 1024
+        # Rows grow by doubling; start small when clocks are wide (thousands of simulated workers each hold one).
+        capacity = max(8, min(1024, (1 << 20) // max(1, world)))
         self._origin = np.zeros(capacity, dtype=np.int64)
         self._index = np.zeros(capacity, dtype=np.int64)
         self._start = np.zeros(capacity, dtype=np.float64)

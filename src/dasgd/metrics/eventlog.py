@@ -320,7 +320,9 @@ class _LineParser:
         self.index.append(index)
         self.start.append(float(start))
         self.end.append(float(end))
-        self.clock.append(clock)
+        # One int64 row per gradient, not a list of Python ints (36 bytes each): logs of simulations with
+        # thousands of workers hold 10^8 clock entries.
+        self.clock.append(np.asarray(clock, dtype=np.int64))
 
     def _eval(self, event: dict[str, Any], lineno: int) -> None:
         self.need(event, "worker", _is_int, "an integer", lineno)
@@ -335,7 +337,10 @@ class _LineParser:
         width = len(self.clock[0]) if self.clock else 0
         if not self.clock and self.evals:
             width = 1 + max(int(ev["worker"]) for ev in self.evals)
-        clock = np.asarray(self.clock, dtype=np.int64).reshape(len(self.clock), width)
+        clock = (
+            np.stack(self.clock) if self.clock else np.zeros((0, width), dtype=np.int64)
+        ).reshape(len(self.clock), width)
+        self.clock = []
         return EventLog(
             origin=_readonly(np.asarray(self.origin, dtype=np.int64)),
             index=_readonly(np.asarray(self.index, dtype=np.int64)),

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -106,7 +107,12 @@ class Worker:
         self._gaps: dict[int, GradientSet] = {}
         self._finals = np.full(world_size, -1, dtype=np.int64)
         self._dead = np.zeros(world_size, dtype=bool)
-        self._own_children = topology.children(rank, rank)
+        # On a complete graph: every other worker, as a view (a tuple would hold world_size ints per worker).
+        self._own_children: Sequence[int] = (
+            _AllBut(world_size, rank)
+            if len(topology.edges) == world_size * (world_size - 1) // 2
+            else topology.children(rank, rank)
+        )
         self._complete = len(topology.edges) == world_size * (world_size - 1) // 2
         self._pending: torch.Tensor | None = None  # own gradients not yet sent (B > 1)
         self._pending_lo = 0
@@ -410,3 +416,29 @@ class Worker:
             payload = msg.payload.to(self.params.device, self.params.dtype)
             msg = Message(msg.kind, msg.sender, msg.origin, msg.lo, msg.hi, payload, msg.clock)
         return msg
+
+
+class _AllBut(Sequence[int]):
+    """The ranks ``0 .. n-1`` except ``skip``, in order, without storing them."""
+
+    __slots__ = ("_n", "_skip")
+
+    def __init__(self, n: int, skip: int) -> None:
+        self._n = n
+        self._skip = skip
+
+    def __len__(self) -> int:
+        return self._n - 1
+
+    def __getitem__(self, i):  # noqa: ANN001, ANN204 (int or slice, as Sequence)
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        return i if i < self._skip else i + 1
+
+    def __iter__(self):  # noqa: ANN204
+        yield from range(self._skip)
+        yield from range(self._skip + 1, self._n)
