@@ -248,17 +248,24 @@ def test_sync_matches_pytorch_ddp_parameter_for_parameter(tmp_path):
         "GLOO_SOCKET_IFNAME": "lo",
         "OMP_NUM_THREADS": "1",
     }
+    logs = [open(tmp_path / f"rank{r}.log", "wb") for r in range(n)]  # noqa: SIM115 (closed below)
     procs = [
         subprocess.Popen(
             [sys.executable, str(SCRIPTS / "ddp_reference.py"), str(steps), str(tmp_path / f"r{r}.npy")],
             env={**env, "RANK": str(r)},
+            stdout=logs[r],
+            stderr=subprocess.STDOUT,
         )
         for r in range(n)
     ]
     try:
-        for p in procs:
-            assert p.wait(timeout=120) == 0
+        for r, p in enumerate(procs):
+            code = p.wait(timeout=120)
+            logs[r].close()
+            assert code == 0, (tmp_path / f"rank{r}.log").read_text()[-3000:]
     finally:
+        for f in logs:
+            f.close()
         for p in procs:
             if p.poll() is None:
                 p.kill()

@@ -34,7 +34,10 @@ def main() -> None:
         opt.step()
     flat = torch.nn.utils.parameters_to_vector(model.parameters()).detach().numpy()
     np.save(out, flat)
-    dist.destroy_process_group()
+    dist.barrier()  # nobody leaves while another rank still uses the connections
+    sys.stdout.flush()
+    # destroy_process_group after DDP sometimes aborts inside Gloo at exit; the result is written, so leave.
+    os._exit(0)
 
 
 if __name__ == "__main__":

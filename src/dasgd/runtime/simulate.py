@@ -17,9 +17,10 @@ from typing import Any
 import numpy as np
 
 from dasgd.experiments.spec import RunSpec
+from dasgd.metrics.shard import WorkerShard
 from dasgd.runtime.build import Resolved, build_sampler, build_task, build_worker, resolve
 from dasgd.runtime.results import summarize, worker_shard, write_run_outputs
-from dasgd.sim.engine import Simulation, StopPolicy
+from dasgd.sim.engine import SimOutcome, Simulation, StopPolicy
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel, read_step_trace
 from dasgd.tasks import Task
 
@@ -110,23 +111,12 @@ def simulate(
             **final_metrics,
         }
     )
-    shards = [
-        worker_shard(
-            workers[r],
-            outcome.ledgers[r],
-            stop_reason=outcome.stop_reason[r],
-            drained=outcome.drained[r],
-            train_end=outcome.train_end[r],
-            drain_end=outcome.end_time if math.isnan(outcome.drain_end[r]) else outcome.drain_end[r],
-            evals=outcome.evals if r == evaluator else [],
-            transport=engine.net.stats[r].to_dict(),
-            final_metrics=final_metrics if r == evaluator else {},
-            task_info=task.describe(),
-            batch_size=resolved.batch_size,
-            lr=resolved.lr,
-        )
-        for r in live
-    ]
+    shards = []
+    for r in live:
+        shards.append(_shard(engine, outcome, r, evaluator, final_metrics, task, resolved))
+        # The shard holds a trimmed copy of the records; the ledger's doubled buffer can go now (a clock of n
+        # integers per gradient: at 1,000 workers x 10^5 gradients that is gigabytes).
+        outcome.ledgers[r] = None  # type: ignore[call-overload]
     summary = summarize(spec, shards, task.describe(), resolved.batch_size, resolved.lr, time_unit="virtual")
     summary["simulation"] = {
         **sim.to_dict(),
@@ -144,3 +134,29 @@ def simulate(
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
     write_run_outputs(run_dir, spec, shards, summary)
     return summary
+
+
+def _shard(
+    engine: Simulation,
+    outcome: SimOutcome,
+    r: int,
+    evaluator: int,
+    final_metrics: dict,
+    task: Task,
+    resolved: Resolved,
+) -> WorkerShard:
+    """Worker ``r``'s end-of-run shard (as a real worker process would write it)."""
+    return worker_shard(
+        engine.workers[r],
+        outcome.ledgers[r],
+        stop_reason=outcome.stop_reason[r],
+        drained=outcome.drained[r],
+        train_end=outcome.train_end[r],
+        drain_end=outcome.end_time if math.isnan(outcome.drain_end[r]) else outcome.drain_end[r],
+        evals=outcome.evals if r == evaluator else [],
+        transport=engine.net.stats[r].to_dict(),
+        final_metrics=final_metrics if r == evaluator else {},
+        task_info=task.describe(),
+        batch_size=resolved.batch_size,
+        lr=resolved.lr,
+    )
