@@ -228,15 +228,7 @@ def test_matches_set_oracle_in_small_blocks(skew: bool, monkeypatch: pytest.Monk
     import dasgd.core.ledger as ledger_module
 
     monkeypatch.setattr(ledger_module, "_BLOCK_ENTRIES", 3)  # a block of 1 to 3 rows
-    rng = np.random.default_rng(777 + skew)
-    for _ in range(150):
-        origin, index, end, clock = _random_schedule(rng, skew)
-        rows, s, loose, anomalies = _oracle(origin, index, end, clock)
-        stats = compute_staleness(origin, index, end, clock)
-        assert stats.order.tolist() == rows
-        assert stats.per_gradient.tolist() == s
-        assert stats.loose.tolist() == loose
-        assert stats.anomalies == anomalies
+    test_matches_set_oracle(skew)
 
 
 def test_ledger_collects_and_matches() -> None:

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from dasgd.core.topology import Topology
     from dasgd.worker.worker import Gradient, Outgoing, Worker
 
-__all__ = ["Algorithm", "AlgorithmError", "AlgorithmParams"]
+__all__ = ["Algorithm", "AlgorithmError", "AlgorithmParams", "KeyedSums"]
 
 
 class AlgorithmError(ValueError):
@@ -144,3 +144,35 @@ class Algorithm:
         """
         if other is not None and len(other) == len(self.worker.clock):
             np.maximum(self.worker.clock, other, out=self.worker.clock)
+
+
+class KeyedSums:
+    """Running sums of vectors by key (a step or a round), each with how many were added.
+
+    What the synchronous baselines collect until every worker's contribution to a step is in.
+    """
+
+    def __init__(self) -> None:
+        self._sums: dict[int, torch.Tensor] = {}
+        self._counts: dict[int, int] = {}
+
+    def add(self, key: int, vector: torch.Tensor) -> None:
+        """Add ``vector`` to the sum of ``key`` (copied: callers' tensors are never changed)."""
+        if key in self._sums:
+            self._sums[key].add_(vector)
+            self._counts[key] += 1
+        else:
+            self._sums[key] = vector.detach().clone()
+            self._counts[key] = 1
+
+    def count(self, key: int) -> int:
+        """How many vectors the sum of ``key`` holds (0 if none)."""
+        return self._counts.get(key, 0)
+
+    def pop(self, key: int) -> tuple[torch.Tensor, int]:
+        """Remove and return the sum of ``key`` and its count."""
+        return self._sums.pop(key), self._counts.pop(key)
+
+    def keys(self) -> list[int]:
+        """The keys held, in increasing order."""
+        return sorted(self._sums)

@@ -11,9 +11,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
-from dasgd.algorithms.base import Algorithm, AlgorithmError
+from dasgd.algorithms.base import Algorithm, AlgorithmError, KeyedSums
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
@@ -33,8 +31,7 @@ class LocalSGD(Algorithm):
 
     def bind(self, worker) -> None:  # noqa: ANN001
         super().bind(worker)
-        self._sums: dict[int, torch.Tensor] = {}
-        self._counts: dict[int, int] = {}
+        self._models = KeyedSums()  # round -> sum of the models received for it
         self._rounds = 0  # averaging rounds completed
 
     def check(self, world_size: int, topology: Topology, grads_per_message: int) -> None:
@@ -58,13 +55,14 @@ class LocalSGD(Algorithm):
             return []
         rnd = w.computed // self.local_steps - 1
         msg = self.model_message(rnd, rnd + 1)
-        self._add(rnd, msg.payload)
+        assert msg.payload is not None
+        self._models.add(rnd, msg.payload)
         self._advance()
         return [(peer, msg) for peer in w.topology.neighbors(w.rank)]
 
     def on_model(self, msg: Message) -> list[Outgoing]:
         assert msg.payload is not None  # checked by the worker
-        self._add(msg.lo, msg.payload)
+        self._models.add(msg.lo, msg.payload)
         self.merge_clock(msg.clock)
         self._advance()
         return []
@@ -72,19 +70,10 @@ class LocalSGD(Algorithm):
     def complete(self) -> bool:
         return self.worker.stopped
 
-    def _add(self, rnd: int, model: torch.Tensor | None) -> None:
-        assert model is not None
-        if rnd in self._sums:
-            self._sums[rnd].add_(model)
-            self._counts[rnd] += 1
-        else:
-            self._sums[rnd] = model.detach().clone()
-            self._counts[rnd] = 1
-
     def _advance(self) -> None:
         w = self.worker
         live = w.world_size - len(w.dead)
-        while self._counts.get(self._rounds, 0) >= live:
-            self._counts.pop(self._rounds)
-            w.params.copy_(self._sums.pop(self._rounds).div_(live))
+        while self._models.count(self._rounds) >= live:
+            total, _ = self._models.pop(self._rounds)
+            w.params.copy_(total.div_(live))
             self._rounds += 1

@@ -13,9 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
-from dasgd.algorithms.base import Algorithm, AlgorithmError
+from dasgd.algorithms.base import Algorithm, AlgorithmError, KeyedSums
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
@@ -35,8 +33,7 @@ class SynchronousSGD(Algorithm):
 
     def bind(self, worker) -> None:  # noqa: ANN001 (the Worker type lives above this layer)
         super().bind(worker)
-        self._sums: dict[int, torch.Tensor] = {}
-        self._counts: dict[int, int] = {}
+        self._steps = KeyedSums()  # step -> sum of its gradients received so far
         self._applied_steps = 0
 
     def check(self, world_size: int, topology: Topology, grads_per_message: int) -> None:
@@ -50,7 +47,7 @@ class SynchronousSGD(Algorithm):
 
     def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
         out = self.worker.push_gradient(index, gradient)
-        self._add(index, gradient.grad)
+        self._steps.add(index, gradient.grad)
         self._advance()
         return out
 
@@ -59,30 +56,22 @@ class SynchronousSGD(Algorithm):
         if msg.count != 1:
             # Peers never merge steps here; a merged message can only come from a misconfigured peer.
             self.counts["merged_steps"] = self.counts.get("merged_steps", 0) + msg.count
-        self._add(msg.lo, msg.payload)
+        self._steps.add(msg.lo, msg.payload)
         self._advance()
         return []
 
     def on_complete(self) -> None:
         # Steps left incomplete when the run stopped (some workers computed one more step than others): every
         # replica holds the same gradients now, so each applies their mean and the replicas still agree.
-        for step in sorted(self._sums):
-            self.worker.params.add_(self._sums.pop(step), alpha=-self.worker.lr / self._counts.pop(step))
-
-    def _add(self, step: int, grad: torch.Tensor) -> None:
-        if step in self._sums:
-            self._sums[step].add_(grad)
-            self._counts[step] += 1
-        else:
-            self._sums[step] = grad.detach().clone()
-            self._counts[step] = 1
+        for step in self._steps.keys():
+            total, count = self._steps.pop(step)
+            self.worker.params.add_(total, alpha=-self.worker.lr / count)
 
     def _advance(self) -> None:
         w = self.worker
         live = w.world_size - len(w.dead)
-        while self._counts.get(self._applied_steps, 0) >= live:
-            step = self._applied_steps
-            self._counts.pop(step)
+        while self._steps.count(self._applied_steps) >= live:
+            total, _ = self._steps.pop(self._applied_steps)
             # Average, as DDP does: divide the summed step by the number of contributions.
-            w.params.add_(self._sums.pop(step), alpha=-w.lr / live)
+            w.params.add_(total, alpha=-w.lr / live)
             self._applied_steps += 1
