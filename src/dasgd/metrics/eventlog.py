@@ -337,9 +337,11 @@ class _LineParser:
         width = len(self.clock[0]) if self.clock else 0
         if not self.clock and self.evals:
             width = 1 + max(int(ev["worker"]) for ev in self.evals)
-        clock = (np.stack(self.clock) if self.clock else np.zeros((0, width), dtype=np.int64)).reshape(
-            len(self.clock), width
-        )
+        clock = np.empty((len(self.clock), width), dtype=np.int64)
+        rows = self.clock
+        for i in range(len(rows)):
+            clock[i] = rows[i]
+            rows[i] = None  # type: ignore[call-overload]  # free each row once copied: one copy at a time
         self.clock = []
         return EventLog(
             origin=_readonly(np.asarray(self.origin, dtype=np.int64)),
