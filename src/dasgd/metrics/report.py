@@ -35,11 +35,14 @@ import numbers
 import os
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from dasgd.metrics.plots import PLOT_FILES
+
+if TYPE_CHECKING:
+    from dasgd.metrics.eventlog import EventLog
 
 __all__ = ["NA", "SUMMARY_KEYS", "ReportError", "format_summary", "format_value", "write_report"]
 
@@ -260,8 +263,10 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def write_report(run_dir: str | os.PathLike[str]) -> Path:
+def write_report(run_dir: str | os.PathLike[str], *, log: EventLog | None = None) -> Path:
     """Write ``RUN_DIR/report.md`` from ``summary.json`` and the PNG files present in ``RUN_DIR/plots``.
+
+    ``log`` is the run's event log if the caller has read it already (the theory section needs it).
 
     A missing ``summary.json`` gives a report of ``n/a`` values with a note saying so.
 
@@ -285,7 +290,7 @@ def write_report(run_dir: str | os.PathLike[str]) -> Path:
     lines.append("")
     from dasgd.metrics.theory_report import report_section  # imports torch: only when a report is written
 
-    lines += report_section(run_dir)
+    lines += report_section(run_dir, log=log)
     plot_lines = _plot_lines(run_dir)
     if plot_lines:
         lines += ["## Plots", "", *plot_lines]

@@ -26,7 +26,7 @@ import math
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -43,6 +43,9 @@ from dasgd.core.theory import (
     mean_square_staleness,
 )
 from dasgd.metrics.estimators import ConstantEstimates, estimate_constants
+
+if TYPE_CHECKING:
+    from dasgd.metrics.eventlog import EventLog
 
 __all__ = [
     "THEORY_PLOT",
@@ -260,12 +263,13 @@ def _gradients_at(times: np.ndarray, ends: np.ndarray) -> np.ndarray:
     return np.searchsorted(np.sort(ends), times, side="right").astype(np.int64)
 
 
-def analyze_run(run_dir: str | os.PathLike[str], *, seed: int = 0) -> RunTheory:
+def analyze_run(run_dir: str | os.PathLike[str], *, seed: int = 0, log: EventLog | None = None) -> RunTheory:
     """The theory section's content for the run in ``run_dir`` (see the module docstring).
 
     Args:
         run_dir: a run directory written by ``dasgd train`` or ``dasgd simulate``.
         seed: the estimators' seed (the same seed gives the same estimates).
+        log: the run's event log, if the caller has read it already (else it is read from the directory).
 
     Raises:
         TheoryReportError: the directory, its spec, its event log, or the ``grad_norm_sq`` records are missing
@@ -283,10 +287,11 @@ def analyze_run(run_dir: str | os.PathLike[str], *, seed: int = 0) -> RunTheory:
         raise TheoryReportError(
             f"{run} has no events.jsonl; give a run directory written by `dasgd train` or `dasgd simulate`"
         )
-    try:
-        log = read_event_log(run / "events.jsonl")
-    except ValueError as exc:
-        raise TheoryReportError(str(exc)) from exc
+    if log is None:
+        try:
+            log = read_event_log(run / "events.jsonl")
+        except ValueError as exc:
+            raise TheoryReportError(str(exc)) from exc
     if log.num_gradients == 0:
         raise TheoryReportError(f"{run}/events.jsonl records no gradients; the run computed nothing")
     evals = _training_evals(log.evals)
@@ -536,14 +541,14 @@ def write_theory(run_dir: str | os.PathLike[str], *, seed: int = 0) -> tuple[Run
     return result, [text, plot]
 
 
-def report_section(run_dir: str | os.PathLike[str]) -> list[str]:
+def report_section(run_dir: str | os.PathLike[str], *, log: EventLog | None = None) -> list[str]:
     """The theory section of ``report.md`` (and its figure, written to ``plots/``); never raises on content.
 
     A run the section cannot be computed for (no spec, no ``grad_norm_sq`` records, a missing dataset, ...)
     gets a short section that says why.
     """
     try:
-        result = analyze_run(run_dir)
+        result = analyze_run(run_dir, log=log)
         plot_theory(result, Path(run_dir) / "plots" / THEORY_PLOT)
     except (ValueError, OSError, RuntimeError) as exc:  # every input problem is a ValueError subclass
         return ["## Theory", "", f"*Not available for this run: {exc}*", ""]

@@ -233,9 +233,10 @@ def _mean_step(s: WorkerShard) -> float:
 
 
 def write_run_outputs(
-    run_dir: Path, spec: RunSpec, shards: list[WorkerShard], summary: dict[str, Any]
+    run_dir: Path, spec: RunSpec, shards: list[WorkerShard], summary: dict[str, Any], render: bool = True
 ) -> None:
-    """Write events.jsonl, summary.json, then render metrics.csv, plots and report.md."""
+    """Write events.jsonl, summary.json, then (unless ``render`` is False) render metrics.csv, plots and
+    report.md; a caller that renders itself (:func:`render_run_dir`) can free the shards first."""
     from dasgd.metrics.eventlog import write_event_log
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -273,7 +274,8 @@ def write_run_outputs(
         runs=runs,
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
-    render_run_dir(run_dir)
+    if render:
+        render_run_dir(run_dir)
 
 
 def render_run_dir(run_dir: Path) -> None:
@@ -292,7 +294,7 @@ def render_run_dir(run_dir: Path) -> None:
         f"{summary.get('algorithm', '')} on {summary.get('task', '')}, {summary.get('workers', '?')} workers"
     )
     plot_run(log, run_dir / "plots", time_label=time_label, title=title)
-    write_report(run_dir)
+    write_report(run_dir, log=log)  # the log already read: at scale it is gigabytes, read it once
 
 
 def _json_default(obj: Any) -> Any:

@@ -19,7 +19,7 @@ import numpy as np
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.runtime.build import Resolved, build_sampler, build_task, build_worker, resolve
-from dasgd.runtime.results import summarize, worker_shard, write_run_outputs
+from dasgd.runtime.results import render_run_dir, summarize, worker_shard, write_run_outputs
 from dasgd.sim.engine import SimOutcome, Simulation, StopPolicy
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel, read_step_trace
 from dasgd.tasks import Task
@@ -132,7 +132,9 @@ def simulate(
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
-    write_run_outputs(run_dir, spec, shards, summary)
+    write_run_outputs(run_dir, spec, shards, summary, render=False)
+    del shards  # everything below reads the event log just written: the records need not be held twice
+    render_run_dir(run_dir)
     return summary
 
 
