@@ -99,6 +99,11 @@ class Algorithm:
                 f"{self.name} sends one gradient per message; drop --grads-per-message (got {grads_per_message})"
             )
 
+    def require_complete(self, world_size: int, topology: Topology, why: str) -> None:
+        """Raise AlgorithmError unless ``topology`` connects every pair of workers (``why``: the reason)."""
+        if len(topology.edges) != world_size * (world_size - 1) // 2:
+            raise AlgorithmError(f"{self.name} {why}; use --topology complete")
+
     # -- the hooks --------------------------------------------------------------------------------------
     def computes(self) -> bool:
         """Whether this worker computes gradients at all (a parameter server does not)."""

@@ -38,8 +38,7 @@ class LocalSGD(Algorithm):
         super().check(world_size, topology, grads_per_message)
         if self.params.local_steps < 1:
             raise AlgorithmError(f"local steps H must be at least 1, got {self.params.local_steps}")
-        if len(topology.edges) != world_size * (world_size - 1) // 2:
-            raise AlgorithmError("local-sgd averages over every worker; use --topology complete")
+        self.require_complete(world_size, topology, "averages over every worker")
 
     @property
     def local_steps(self) -> int:

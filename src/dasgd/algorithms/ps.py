@@ -44,8 +44,7 @@ class ParameterServerASGD(Algorithm):
         super().check(world_size, topology, grads_per_message)
         if world_size < 2:
             raise AlgorithmError("ps-asgd needs a server and at least one worker: use --workers 2 or more")
-        if len(topology.edges) != world_size * (world_size - 1) // 2:
-            raise AlgorithmError("ps-asgd connects every worker to the server; use --topology complete")
+        self.require_complete(world_size, topology, "connects every worker to the server")
 
     @property
     def is_server(self) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-from dasgd.algorithms.base import Algorithm, AlgorithmError, KeyedSums
+from dasgd.algorithms.base import Algorithm, KeyedSums
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
@@ -38,8 +38,7 @@ class SynchronousSGD(Algorithm):
 
     def check(self, world_size: int, topology: Topology, grads_per_message: int) -> None:
         super().check(world_size, topology, grads_per_message)
-        if len(topology.edges) != world_size * (world_size - 1) // 2:
-            raise AlgorithmError("sync averages over every worker each step; use --topology complete")
+        self.require_complete(world_size, topology, "averages over every worker each step")
 
     def ready(self) -> bool:
         # The next step starts only when every step computed so far has been averaged in.
