@@ -6,6 +6,7 @@ Python puts a script's own folder first on ``sys.path``.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ __all__ = [
     "command_line",
     "cpu_busy",
     "ddp_rank",
+    "parse_args_or_run_ddp_child",
     "first_hit",
     "machine_facts",
     "median",
@@ -293,6 +295,22 @@ class DDPConfig:
     def from_args(cls, words: Sequence[str]) -> DDPConfig:
         """The inverse of :meth:`to_args`."""
         return cls(**json.loads(words[0]))
+
+
+def parse_args_or_run_ddp_child(
+    parser: argparse.ArgumentParser, argv: Sequence[str] | None
+) -> argparse.Namespace | None:
+    """Parse a benchmark's command line; in a DDP rank started by :func:`run_ranks` with a
+    :class:`DDPConfig`, run that rank instead and return None. Unknown arguments are a usage error."""
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--result", help=argparse.SUPPRESS)
+    args, rest = parser.parse_known_args(argv)
+    if args.child:
+        ddp_rank(DDPConfig.from_args(rest), args.result)
+        return None
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return args
 
 
 def ddp_rank(config: DDPConfig, result: str) -> None:

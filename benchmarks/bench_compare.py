@@ -177,14 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--eval-every", type=float, help="seconds between evaluations (default per task)")
     parser.add_argument("--keep", metavar="DIR", help="keep the comparison directories under DIR")
     parser.add_argument("--out", help="write the results as JSON to this file")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args(argv)
-    if args.child:
-        _common.ddp_rank(_common.DDPConfig.from_args(rest), args.result)
+    args = _common.parse_args_or_run_ddp_child(parser, argv)
+    if args is None:
         return 0
-    if rest:
-        parser.error(f"unrecognized arguments: {' '.join(rest)}")
     setups = QUICK if args.quick else FULL
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = [t for t in tasks if t not in setups]

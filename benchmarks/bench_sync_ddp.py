@@ -58,11 +58,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", help="write the results as JSON to this file")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
-    parser.add_argument("--result", help=argparse.SUPPRESS)
-    args, rest = parser.parse_known_args(argv)
-    if args.child:
-        _common.ddp_rank(_common.DDPConfig.from_args(rest), args.result)
+    args = _common.parse_args_or_run_ddp_child(parser, argv)
+    if args is None:
         return 0
     from dasgd.experiments.spec import resolve_spec
     from dasgd.runtime.build import resolve

@@ -13,8 +13,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import numpy as np
-
 from dasgd.algorithms.base import Algorithm, AlgorithmError
 
 if TYPE_CHECKING:
@@ -80,7 +78,7 @@ class ParameterServerASGD(Algorithm):
             # The pulled model's gradient set is the server's; it holds every gradient this worker pushed.
             own = w.clock[w.rank]
             w.clock[:] = msg.clock
-            w.clock[w.rank] = max(own, int(np.int64(msg.clock[w.rank])))
+            w.clock[w.rank] = max(own, int(msg.clock[w.rank]))
         self._awaiting = False
         return []
 
