@@ -65,7 +65,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["LedgerError", "StalenessLedger", "StalenessStats", "compute_staleness", "model_staleness"]
+__all__ = ["CLOCK_DTYPE", "LedgerError", "StalenessLedger", "StalenessStats", "compute_staleness", "model_staleness"]
 
 
 class LedgerError(ValueError):
@@ -139,7 +139,9 @@ class StalenessStats:
         }
 
 
-def _int_array(name: str, value: Any, ndim: int) -> np.ndarray:
+def _int_array(name: str, value: Any, ndim: int, keep_narrow: bool = False) -> np.ndarray:
+    """``value`` as an integer array of ``ndim`` dimensions: int64, or (``keep_narrow``) any dtype that
+    converts to int64 without loss, left as it is so a large clock table is not copied."""
     array = np.asarray(value)
     if array.ndim != ndim:
         raise LedgerError(f"{name} must be a {ndim}-D array, got shape {array.shape}")
@@ -150,6 +152,8 @@ def _int_array(name: str, value: Any, ndim: int) -> np.ndarray:
         raise LedgerError(f"{name} must have an integer dtype (int64), got {array.dtype}; convert it first")
     if array.dtype.kind == "u" and array.dtype.itemsize >= 8 and array.max() > np.iinfo(np.int64).max:
         raise LedgerError(f"{name} holds values too large for int64")
+    if keep_narrow and (array.dtype.kind == "i" or array.dtype.itemsize < 8):
+        return array
     return array.astype(np.int64, copy=False)
 
 
@@ -205,6 +209,10 @@ def _explain_bad_ids(origin: np.ndarray, index: np.ndarray, end: np.ndarray, wor
 _BLOCK_ENTRIES = 1 << 22
 """Entries of each (rows, workers) block compute_staleness works on (32 MiB of int64)."""
 
+CLOCK_DTYPE = np.dtype(np.int32)
+"""How the ledger stores clock entries: 4 bytes each. A run of 1,000 simulated workers records 10^8 of them;
+an entry counts one worker's gradients, which stays far below 2^31."""
+
 
 def compute_staleness(origin: Any, index: Any, end: Any, clock: Any) -> StalenessStats:
     """Exact staleness statistics of a run from its per-gradient records.
@@ -233,7 +241,7 @@ def compute_staleness(origin: Any, index: Any, end: Any, clock: Any) -> Stalenes
     total = origin_a.shape[0]
     if total == 0 and clock_raw.size == 0 and index_a.size == 0 and end_a.size == 0:
         return _empty_stats()
-    clock_a = _int_array("clock", clock_raw, 2)
+    clock_a = _int_array("clock", clock_raw, 2, keep_narrow=True)
     if index_a.shape[0] != total or end_a.shape[0] != total or clock_a.shape[0] != total:
         raise LedgerError(
             "origin, index, end and clock must have one row per gradient, got lengths "
@@ -290,7 +298,7 @@ def compute_staleness(origin: Any, index: Any, end: Any, clock: Any) -> Stalenes
         counts += running
         running = counts[-1].copy()
         counts[rows, ob] -= 1
-        have = clock_a[order[b0:b1]]
+        have = clock_a[order[b0:b1]].astype(np.int64, copy=False)  # one block widened at a time
         anomalies += int(np.count_nonzero(have > counts))
         np.minimum(have, counts, out=have)
         missing = counts  # reuse the buffer: C_j(k) - clamped clock, always >= 0 now
@@ -347,6 +355,10 @@ class StalenessLedger:
 
     Records may arrive in any order (for example merged from several workers' logs); the global order is
     computed by :meth:`stats`. The clock is copied on record, so callers may keep mutating theirs.
+
+    Clocks are the bulk of a long run's records (one entry per worker per gradient), so they are kept as
+    :data:`CLOCK_DTYPE` rows in fixed-size blocks: growing never copies what is already recorded, and
+    :meth:`take` hands the records over as one table without holding two copies at once.
     """
 
     def __init__(self, world_size: int) -> None:
@@ -354,14 +366,16 @@ class StalenessLedger:
         if world < 1:
             raise LedgerError(f"world_size must be >= 1, got {world}")
         self._world = world
+        self._block_rows = max(16, min(4096, (1 << 20) // world))  # about 4 MiB of clock entries a block
+        self._reset()
+
+    def _reset(self) -> None:
         self._size = 0
-        # Rows grow by doubling; start small when clocks are wide (thousands of simulated workers each hold one).
-        capacity = max(8, min(1024, (1 << 20) // max(1, world)))
-        self._origin = np.zeros(capacity, dtype=np.int64)
-        self._index = np.zeros(capacity, dtype=np.int64)
-        self._start = np.zeros(capacity, dtype=np.float64)
-        self._end = np.zeros(capacity, dtype=np.float64)
-        self._clock = np.zeros((capacity, world), dtype=np.int64)
+        self._blocks: list[np.ndarray] = []
+        self._origin = np.zeros(self._block_rows, dtype=np.int64)
+        self._index = np.zeros(self._block_rows, dtype=np.int64)
+        self._start = np.zeros(self._block_rows, dtype=np.float64)
+        self._end = np.zeros(self._block_rows, dtype=np.float64)
 
     @property
     def world_size(self) -> int:
@@ -376,7 +390,7 @@ class StalenessLedger:
 
         Raises:
             LedgerError: origin out of range, negative id, non-finite or reversed times, or a clock that is not
-                ``world_size`` non-negative integers.
+                ``world_size`` non-negative integers below 2^31.
         """
         o = _as_int("origin", origin)
         i = _as_int("index", index)
@@ -389,26 +403,45 @@ class StalenessLedger:
             raise LedgerError(f"start and end must be finite times, got {t0!r} and {t1!r}")
         if t1 < t0:
             raise LedgerError(f"gradient ({o}, {i}) ends at {t1!r}, before it started at {t0!r}")
-        vc = _int_array("clock", clock, 1)
+        vc = _int_array("clock", clock, 1, keep_narrow=True)
         if vc.shape[0] != self._world:
             raise LedgerError(f"clock must have world_size={self._world} entries, got {vc.shape[0]}")
         if vc.size and vc.min() < 0:
             raise LedgerError("clock entries count applied gradients and must be >= 0")
-        if self._size == self._origin.shape[0]:
-            self._grow()
+        if vc.size and vc.max() > np.iinfo(CLOCK_DTYPE).max:
+            raise LedgerError(
+                f"clock entry {int(vc.max())} is above {np.iinfo(CLOCK_DTYPE).max}, the most gradients of one "
+                "worker the ledger counts"
+            )
         n = self._size
+        if n == self._origin.shape[0]:
+            self._grow_columns()
+        row = n % self._block_rows
+        if row == 0:
+            self._blocks.append(np.empty((self._block_rows, self._world), dtype=CLOCK_DTYPE))
         self._origin[n], self._index[n], self._start[n], self._end[n] = o, i, t0, t1
-        self._clock[n] = vc
+        self._blocks[-1][row] = vc
         self._size = n + 1
 
-    def _grow(self) -> None:
-        # Doubling keeps record() amortised O(N) for long runs without a Python list of arrays.
+    def _grow_columns(self) -> None:
+        # The per-gradient scalars are 32 bytes a record: doubling them is cheap next to the clocks.
         capacity = 2 * self._origin.shape[0]
-        for name in ("_origin", "_index", "_start", "_end", "_clock"):
+        for name in ("_origin", "_index", "_start", "_end"):
             old = getattr(self, name)
-            new = np.zeros((capacity, *old.shape[1:]), dtype=old.dtype)
+            new = np.zeros(capacity, dtype=old.dtype)
             new[: self._size] = old[: self._size]
             setattr(self, name, new)
+
+    def _clock_table(self, release: bool) -> np.ndarray:
+        """The recorded clocks as one ``(len, world_size)`` table; ``release`` frees each block once copied."""
+        table = np.empty((self._size, self._world), dtype=CLOCK_DTYPE)
+        for b in range(len(self._blocks)):
+            lo = b * self._block_rows
+            hi = min(self._size, lo + self._block_rows)
+            table[lo:hi] = self._blocks[b][: hi - lo]
+            if release:
+                self._blocks[b] = None  # type: ignore[call-overload]  # one copy of the clocks at a time
+        return table
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Copies of the records in recording order: ``(origin, index, start, end, clock)``."""
@@ -418,10 +451,26 @@ class StalenessLedger:
             self._index[:n].copy(),
             self._start[:n].copy(),
             self._end[:n].copy(),
-            self._clock[:n].copy(),
+            self._clock_table(release=False),
         )
+
+    def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The records in recording order, like :meth:`arrays`, leaving the ledger empty.
+
+        Peak memory stays near one copy of the clocks: each block is freed as soon as it is copied.
+        """
+        n = self._size
+        records = (
+            self._origin[:n].copy(),
+            self._index[:n].copy(),
+            self._start[:n].copy(),
+            self._end[:n].copy(),
+            self._clock_table(release=True),
+        )
+        self._reset()
+        return records
 
     def stats(self) -> StalenessStats:
         """Staleness statistics of everything recorded so far (see :func:`compute_staleness`)."""
         n = self._size
-        return compute_staleness(self._origin[:n], self._index[:n], self._end[:n], self._clock[:n])
+        return compute_staleness(self._origin[:n], self._index[:n], self._end[:n], self._clock_table(False))

@@ -257,9 +257,8 @@ def _simulate(spec: Any) -> tuple[StalenessStats, list[dict[str, Any]], np.ndarr
 
     engine, _, _ = build_simulation(spec)
     outcome = engine.run()
-    arrays = [ledger.arrays() for ledger in outcome.ledgers]
-    origin, index, _, end, clock = (np.concatenate([a[i] for a in arrays]) for i in range(5))
-    stats = compute_staleness(origin, index, end, clock.reshape(-1, spec.workers))
+    origin, index, _, end, clock = outcome.records.take()
+    stats = compute_staleness(origin, index, end, clock)
     evals = sorted(
         (e for e in outcome.evals if "grad_norm_sq" in e),
         key=lambda e: (float(e["time"]), int(e["gradients"])),

@@ -21,6 +21,7 @@ file); :func:`read_event_log` keeps file order and the staleness computation sor
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import os
@@ -218,7 +219,8 @@ class EventLog:
         index: per-origin gradient id, int64, shape (T,).
         start: computation start time, float64, shape (T,).
         end: computation end time, float64, shape (T,).
-        clock: the computing worker's vector clock at start, int64, shape (T, N).
+        clock: the computing worker's vector clock at start, shape (T, N); int32 where every entry fits
+            (large simulations hold 10^8 entries), else int64.
         evals: eval events as dicts (``worker``, ``time``, ``gradients`` and metric keys; no ``type``).
         runs: run events as dicts (``event``, ``time`` and any extra keys; no ``type``).
         world_size: N, the number of workers (clock width; without gradients, 1 + the largest eval worker).
@@ -248,11 +250,61 @@ class EventLog:
         return list(names)
 
     def staleness(self) -> StalenessStats:
-        """Exact staleness statistics of the recorded gradients (see :mod:`dasgd.core.ledger`)."""
+        """Exact staleness statistics of the recorded gradients (see :mod:`dasgd.core.ledger`).
+
+        Computed once and kept: the summary, the plots and the theory section of one run all ask for it, and
+        at scale each computation is a pass over 10^8 clock entries.
+        """
+        return self._staleness
+
+    @functools.cached_property
+    def _staleness(self) -> StalenessStats:
         # Imported here so reading a log does not depend on the ledger module being importable.
         from dasgd.core.ledger import compute_staleness
 
         return compute_staleness(self.origin, self.index, self.end, self.clock)
+
+
+class _ClockBlocks:
+    """Clock rows collected in fixed-size blocks, int32 until an entry needs more.
+
+    Logs of simulations with thousands of workers hold 10^8 clock entries: as Python lists they would take
+    tens of gigabytes, as one growing array they would be copied on every doubling.
+    """
+
+    _NARROW = np.iinfo(np.int32).max
+
+    def __init__(self) -> None:
+        self.width: int | None = None
+        self.rows = 0
+        self._blocks: list[np.ndarray] = []
+        self._block_rows = 0
+        self._dtype = np.dtype(np.int32)
+
+    def append(self, clock: list[int]) -> None:
+        if self.width is None:
+            self.width = len(clock)
+            self._block_rows = max(16, min(4096, (1 << 20) // max(1, self.width)))
+        row = np.asarray(clock, dtype=np.int64)
+        if self._dtype == np.int32 and row.size and int(row.max()) > self._NARROW:
+            self._dtype = np.dtype(np.int64)
+            self._blocks = [b.astype(np.int64) for b in self._blocks]
+        at = self.rows % self._block_rows
+        if at == 0:
+            self._blocks.append(np.empty((self._block_rows, self.width), dtype=self._dtype))
+        self._blocks[-1][at] = row
+        self.rows += 1
+
+    def table(self, width: int) -> np.ndarray:
+        """All rows as one ``(rows, width)`` array; each block is freed once copied."""
+        table = np.empty((self.rows, width), dtype=self._dtype)
+        for b, block in enumerate(self._blocks):
+            lo = b * self._block_rows
+            hi = min(self.rows, lo + self._block_rows)
+            table[lo:hi] = block[: hi - lo]
+            self._blocks[b] = None  # type: ignore[call-overload]
+        self._blocks = []
+        return table
 
 
 class _LineParser:
@@ -264,7 +316,7 @@ class _LineParser:
         self.index: list[int] = []
         self.start: list[float] = []
         self.end: list[float] = []
-        self.clock: list[list[int]] = []
+        self.clock = _ClockBlocks()
         self.evals: list[dict[str, Any]] = []
         self.runs: list[dict[str, Any]] = []
 
@@ -308,9 +360,9 @@ class _LineParser:
             "a list of integers",
             lineno,
         )
-        if self.clock and len(clock) != len(self.clock[0]):
+        if self.clock.width is not None and len(clock) != self.clock.width:
             raise self.fail(
-                lineno, f"clock has {len(clock)} entries but earlier lines had {len(self.clock[0])}"
+                lineno, f"clock has {len(clock)} entries but earlier lines had {self.clock.width}"
             )
         if not 0 <= origin < len(clock):
             raise self.fail(lineno, f"origin {origin} is outside 0..{len(clock) - 1} (the clock's width)")
@@ -320,9 +372,7 @@ class _LineParser:
         self.index.append(index)
         self.start.append(float(start))
         self.end.append(float(end))
-        # One int64 row per gradient, not a list of Python ints (36 bytes each): logs of simulations with
-        # thousands of workers hold 10^8 clock entries.
-        self.clock.append(np.asarray(clock, dtype=np.int64))
+        self.clock.append(clock)
 
     def _eval(self, event: dict[str, Any], lineno: int) -> None:
         self.need(event, "worker", _is_int, "an integer", lineno)
@@ -334,15 +384,10 @@ class _LineParser:
         self.evals.append({k: v for k, v in event.items() if k != "type"})
 
     def build(self) -> EventLog:
-        width = len(self.clock[0]) if self.clock else 0
-        if not self.clock and self.evals:
+        width = self.clock.width or 0
+        if self.clock.width is None and self.evals:
             width = 1 + max(int(ev["worker"]) for ev in self.evals)
-        clock = np.empty((len(self.clock), width), dtype=np.int64)
-        rows = self.clock
-        for i in range(len(rows)):
-            clock[i] = rows[i]
-            rows[i] = None  # type: ignore[call-overload]  # free each row once copied: one copy at a time
-        self.clock = []
+        clock = self.clock.table(width)
         return EventLog(
             origin=_readonly(np.asarray(self.origin, dtype=np.int64)),
             index=_readonly(np.asarray(self.index, dtype=np.int64)),
@@ -422,10 +467,12 @@ def write_event_log(
     evals, then run events.
     """
     columns = [np.asarray(origin), np.asarray(index), np.asarray(start), np.asarray(end)]
-    clocks = np.asarray(clock, dtype=np.int64)
+    clocks = np.asarray(clock)  # not widened: a large run's clock table is gigabytes
     count = columns[0].shape[0] if columns[0].ndim == 1 else -1
     if count == 0 and clocks.size == 0:
-        clocks = clocks.reshape(0, 0)
+        clocks = clocks.reshape(0, 0).astype(np.int64)
+    elif clocks.dtype.kind not in "iu":
+        raise EventLogError(f"gradient clocks must hold integers, got dtype {clocks.dtype}")
     if any(c.shape != (count,) for c in columns) or clocks.ndim != 2 or clocks.shape[0] != count:
         raise EventLogError(
             "origin, index, start, end must be 1-D of equal length T and clock 2-D of shape (T, N); "

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 
-from dasgd.core.ledger import StalenessStats, compute_staleness
+from dasgd.core.ledger import StalenessStats
 from dasgd.core.theory import (
     BoundValue,
     GradientsNeeded,
@@ -311,7 +311,7 @@ def analyze_run(run_dir: str | os.PathLike[str], *, seed: int = 0, log: EventLog
     resolved = resolve(spec)
     eta = float(summary.get("lr") or resolved.lr)
     batch_size = int(summary.get("batch_size") or resolved.batch_size)
-    stats = compute_staleness(log.origin, log.index, log.end, log.clock)
+    stats = log.staleness()  # computed once per log: the plots and the summary ask for it too
     s_sq = mean_square_staleness(stats.per_gradient)
     omega = coverage_constant(stats.loose)
     model = task.build_model(spec.seed)

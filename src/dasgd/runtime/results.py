@@ -13,16 +13,16 @@ from typing import Any
 
 import numpy as np
 
-from dasgd.core.ledger import compute_staleness
 from dasgd.experiments.spec import RunSpec
+from dasgd.metrics.eventlog import EVAL_RESERVED_KEYS, EventLog
 from dasgd.metrics.shard import WorkerShard
 
-__all__ = ["summarize", "write_run_outputs", "replica_tolerance", "render_run_dir", "worker_shard"]
+__all__ = ["run_log", "summarize", "write_run_outputs", "replica_tolerance", "render_run_dir", "worker_shard"]
 
 
 def worker_shard(
     worker: Any,
-    ledger: Any,
+    ledger: Any | None,
     *,
     stop_reason: str,
     drained: bool,
@@ -35,10 +35,18 @@ def worker_shard(
     batch_size: int,
     lr: float,
 ) -> WorkerShard:
-    """One worker's end-of-run result (real or simulated): its gradient records, replica and counters."""
+    """One worker's end-of-run result (real or simulated): its gradient records, replica and counters.
+
+    ``ledger`` None leaves the records out (a simulation keeps every worker's records in one table).
+    """
     from dasgd.worker.replica import checksum
 
-    origin, index, start, end, clocks = ledger.arrays()
+    if ledger is None:
+        origin, index = np.zeros(0, dtype=np.int64), np.zeros(0, dtype=np.int64)
+        start, end = np.zeros(0), np.zeros(0)
+        clocks = np.zeros((0, worker.world_size), dtype=np.int32)
+    else:
+        origin, index, start, end, clocks = ledger.arrays()
     return WorkerShard(
         origin=origin,
         index=index,
@@ -85,14 +93,18 @@ def summarize(
     batch_size: int,
     lr: float,
     time_unit: str = "wall",
+    log: EventLog | None = None,
 ) -> dict[str, Any]:
     """The run's summary.json content (keys documented in dasgd.metrics.report).
 
     ``shards`` holds one shard per worker that finished; a worker that died leaves none. Its gradient count
     is then known only as the most any survivor holds, and the gradients some survivors hold and others do
-    not are counted as lost.
+    not are counted as lost. ``log`` is the run's records (:func:`run_log`); without it they are merged from
+    the shards.
     """
     shards = sorted(shards, key=lambda s: s.meta["rank"])
+    if log is None:
+        log = run_log(shards, spec.workers)
     n = spec.workers
     live = [int(s.meta["rank"]) for s in shards]
     dead = sorted(set(range(n)) - set(live))
@@ -129,12 +141,8 @@ def summarize(
         for k, v in s.meta.get("algorithm_counts", {}).items():
             counts[k] = counts.get(k, 0) + int(v)
 
-    stats = compute_staleness(
-        np.concatenate([s.origin for s in shards]),
-        np.concatenate([s.index for s in shards]),
-        np.concatenate([s.end for s in shards]),
-        np.concatenate([s.clock.reshape(-1, n) for s in shards]),
-    )
+    stats = log.staleness()
+    steps = _mean_steps(log, n)
     train_time = max(float(s.meta["train_end"]) for s in shards)
     drain_time = max(float(s.meta["drain_end"]) for s in shards)
     reasons = sorted({s.meta["stop_reason"] for s in shards} - {"stop_requested"})
@@ -158,7 +166,7 @@ def summarize(
                 "drained": s.meta["drained"],
                 "gradient_set": digest,
                 "param_checksum": s.meta.get("param_checksum", ""),
-                "compute_s_per_gradient": _mean_step(s),
+                "compute_s_per_gradient": float(steps[s.meta["rank"]]),
             }
         )
     return {
@@ -226,65 +234,119 @@ def _to_target(spec: RunSpec, evals: list[dict]) -> dict[str, Any]:
     return {"target_accuracy": spec.target_accuracy, "time_to_target_s": None, "gradients_to_target": None}
 
 
-def _mean_step(s: WorkerShard) -> float:
-    if s.start.size == 0:
-        return 0.0
-    return float(np.mean(s.end - s.start))
+def _mean_steps(log: EventLog, n: int) -> np.ndarray:
+    """Mean compute time of each worker's gradients (0 for a worker without any)."""
+    count = np.bincount(log.origin, minlength=n).astype(np.float64)
+    total = np.bincount(log.origin, weights=log.end - log.start, minlength=n)
+    return np.divide(total, count, out=np.zeros(n), where=count > 0)
+
+
+def run_log(
+    shards: list[WorkerShard],
+    n: int,
+    records: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+) -> EventLog:
+    """The run's event log, in memory: the gradient records, the evaluations sorted by time, and each
+    worker's stop and drain events.
+
+    It holds what ``events.jsonl`` will hold, in the form :func:`read_event_log` returns, so summaries,
+    plots and reports come out the same from memory as from the file. ``records`` are ``(origin, index,
+    start, end, clock)`` in any order, used as they are (a simulation passes its own, in completion order);
+    without them every shard's records are merged in global order (completion time, then origin, then id).
+    """
+    shards = sorted(shards, key=lambda s: s.meta["rank"])
+    evals: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
+    for s in shards:
+        evals.extend(_as_logged(e) for e in s.meta.get("evals", []))
+        rank = s.meta["rank"]
+        runs.append(
+            {"event": "stop", "time": s.meta["train_end"], "worker": rank, "reason": s.meta["stop_reason"]}
+        )
+        event = "drained" if s.meta["drained"] else "drain_timeout"
+        runs.append({"event": event, "time": s.meta["drain_end"], "worker": rank})
+    origin, index, start, end, clock = _merged_records(shards, n) if records is None else records
+    return EventLog(
+        origin=_readonly(origin.astype(np.int64, copy=False)),
+        index=_readonly(index.astype(np.int64, copy=False)),
+        start=_readonly(start.astype(np.float64, copy=False)),
+        end=_readonly(end.astype(np.float64, copy=False)),
+        clock=_readonly(clock),
+        evals=sorted(evals, key=lambda e: e["time"]),
+        runs=runs,
+        world_size=n,
+    )
+
+
+def _merged_records(
+    shards: list[WorkerShard], n: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Every shard's records in global order; the clock table is built with one copy."""
+    origin = np.concatenate([s.origin for s in shards]).astype(np.int64)
+    index = np.concatenate([s.index for s in shards]).astype(np.int64)
+    start = np.concatenate([s.start for s in shards]).astype(np.float64)
+    end = np.concatenate([s.end for s in shards]).astype(np.float64)
+    order = np.lexsort((index, origin, end))
+    position = np.empty_like(order)
+    position[order] = np.arange(order.size)
+    dtype = np.result_type(*(s.clock.dtype for s in shards)) if shards else np.dtype(np.int64)
+    clock = np.empty((order.size, n), dtype=dtype)
+    at = 0
+    for s in shards:
+        rows = s.clock.reshape(-1, n)
+        clock[position[at : at + len(rows)]] = rows  # each shard's rows straight to their global places
+        at += len(rows)
+    return origin[order], index[order], start[order], end[order], clock
+
+
+def _as_logged(ev: dict[str, Any]) -> dict[str, Any]:
+    """An evaluation as the event log stores it: integer worker and count, float time and metrics."""
+    out: dict[str, Any] = {
+        "worker": int(ev["worker"]),
+        "time": float(ev["time"]),
+        "gradients": int(ev["gradients"]),
+    }
+    out.update({str(k): float(v) for k, v in ev.items() if k not in EVAL_RESERVED_KEYS})
+    return out
+
+
+def _readonly(array: np.ndarray) -> np.ndarray:
+    array.flags.writeable = False
+    return array
 
 
 def write_run_outputs(
-    run_dir: Path, spec: RunSpec, shards: list[WorkerShard], summary: dict[str, Any], render: bool = True
+    run_dir: Path,
+    spec: RunSpec,
+    shards: list[WorkerShard],
+    summary: dict[str, Any],
+    render: bool = True,
+    log: EventLog | None = None,
 ) -> None:
-    """Write events.jsonl, summary.json, then (unless ``render`` is False) render metrics.csv, plots and
-    report.md; a caller that renders itself (:func:`render_run_dir`) can free the shards first."""
+    """Write events.jsonl and summary.json, then (unless ``render`` is False) metrics.csv, plots and
+    report.md. ``log`` is the run's records (:func:`run_log`); without it they are merged from the shards."""
     from dasgd.metrics.eventlog import write_event_log
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    n = spec.workers
-    evals: list[dict] = []
-    runs: list[dict] = []
-    for s in sorted(shards, key=lambda s: s.meta["rank"]):
-        evals.extend(s.meta.get("evals", []))
-        runs.append(
-            {
-                "event": "stop",
-                "time": s.meta["train_end"],
-                "worker": s.meta["rank"],
-                "reason": s.meta["stop_reason"],
-            }
-        )
-        runs.append(
-            {
-                "event": "drained" if s.meta["drained"] else "drain_timeout",
-                "time": s.meta["drain_end"],
-                "worker": s.meta["rank"],
-            }
-        )
-    origin = np.concatenate([s.origin for s in shards])
-    end = np.concatenate([s.end for s in shards])
-    order = np.lexsort((np.concatenate([s.index for s in shards]), origin, end))
+    if log is None:
+        log = run_log(shards, spec.workers)
     write_event_log(
-        run_dir / "events.jsonl",
-        origin[order],
-        np.concatenate([s.index for s in shards])[order],
-        np.concatenate([s.start for s in shards])[order],
-        end[order],
-        np.concatenate([s.clock.reshape(-1, n) for s in shards])[order],
-        evals=sorted(evals, key=lambda e: e["time"]),
-        runs=runs,
+        run_dir / "events.jsonl", log.origin, log.index, log.start, log.end, log.clock, log.evals, log.runs
     )
     (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
     if render:
-        render_run_dir(run_dir)
+        render_run_dir(run_dir, log=log)
 
 
-def render_run_dir(run_dir: Path) -> None:
-    """(Re)build metrics.csv, plots and report.md from events.jsonl and summary.json."""
+def render_run_dir(run_dir: Path, log: EventLog | None = None) -> None:
+    """(Re)build metrics.csv, plots and report.md from events.jsonl (or ``log``, the same records already in
+    memory) and summary.json."""
     from dasgd.metrics.eventlog import read_event_log, write_metrics_csv
     from dasgd.metrics.plots import plot_run
     from dasgd.metrics.report import write_report
 
-    log = read_event_log(run_dir / "events.jsonl")
+    if log is None:
+        log = read_event_log(run_dir / "events.jsonl")
     write_metrics_csv(log, run_dir / "metrics.csv")
     summary = (
         json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}

@@ -19,7 +19,7 @@ import numpy as np
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.runtime.build import Resolved, build_sampler, build_task, build_worker, resolve
-from dasgd.runtime.results import render_run_dir, summarize, worker_shard, write_run_outputs
+from dasgd.runtime.results import run_log, summarize, worker_shard, write_run_outputs
 from dasgd.sim.engine import SimOutcome, Simulation, StopPolicy
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel, read_step_trace
 from dasgd.tasks import Task
@@ -111,13 +111,13 @@ def simulate(
             **final_metrics,
         }
     )
-    shards = []
-    for r in live:
-        shards.append(_shard(engine, outcome, r, evaluator, final_metrics, task, resolved))
-        # The shard holds a trimmed copy of the records; the ledger's doubled buffer can go now (a clock of n
-        # integers per gradient: at 1,000 workers x 10^5 gradients that is gigabytes).
-        outcome.ledgers[r] = None  # type: ignore[call-overload]
-    summary = summarize(spec, shards, task.describe(), resolved.batch_size, resolved.lr, time_unit="virtual")
+    # The shards carry each worker's counters; the gradient records stay in one table (a clock of n integers
+    # per gradient: at 1,000 workers x 10^5 gradients, hundreds of megabytes), never copied whole.
+    shards = [_shard(engine, outcome, r, evaluator, final_metrics, task, resolved) for r in live]
+    log = run_log(shards, spec.workers, _records_of(outcome, live))
+    summary = summarize(
+        spec, shards, task.describe(), resolved.batch_size, resolved.lr, time_unit="virtual", log=log
+    )
     summary["simulation"] = {
         **sim.to_dict(),
         "events": outcome.events_processed,
@@ -132,10 +132,29 @@ def simulate(
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
-    write_run_outputs(run_dir, spec, shards, summary, render=False)
-    del shards  # everything below reads the event log just written: the records need not be held twice
-    render_run_dir(run_dir)
+    write_run_outputs(run_dir, spec, shards, summary, log=log)
     return summary
+
+
+def _records_of(
+    outcome: SimOutcome, live: list[int]
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """The live workers' gradient records, in completion order.
+
+    A crashed worker's records are left out, as a real run loses them with the process; its gradients that
+    reached others still count through their clocks. Rows are compacted in place: no second clock table.
+    """
+    origin, index, start, end, clock = outcome.records.take()
+    keep = np.isin(origin, np.asarray(live, dtype=np.int64))
+    if keep.all():
+        return origin, index, start, end, clock
+    rows = np.flatnonzero(keep)
+    step = max(1, (1 << 22) // max(1, clock.shape[1]))
+    for lo in range(0, rows.size, step):
+        # Destinations never pass their sources (rows[i] >= i), so moving blocks in order is safe.
+        part = rows[lo : lo + step]
+        clock[lo : lo + part.size] = clock[part]
+    return origin[rows], index[rows], start[rows], end[rows], clock[: rows.size]
 
 
 def _shard(
@@ -150,7 +169,7 @@ def _shard(
     """Worker ``r``'s end-of-run shard (as a real worker process would write it)."""
     return worker_shard(
         engine.workers[r],
-        outcome.ledgers[r],
+        None,
         stop_reason=outcome.stop_reason[r],
         drained=outcome.drained[r],
         train_end=outcome.train_end[r],

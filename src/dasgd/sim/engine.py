@@ -49,7 +49,8 @@ class StopPolicy:
 class SimOutcome:
     """What happened to each worker, plus network counters."""
 
-    ledgers: list[StalenessLedger]
+    records: StalenessLedger
+    """Every gradient's record (all workers), in the order the gradients completed."""
     stop_reason: list[str]
     train_end: list[float]
     drain_end: list[float]
@@ -131,7 +132,7 @@ class Simulation:
         self.on_progress = on_progress
         self.progress_every = progress_every
         self.outcome = SimOutcome(
-            ledgers=[StalenessLedger(n) for _ in range(n)],
+            records=StalenessLedger(n),  # one for all: per-worker ledgers would each hold a block
             stop_reason=[""] * n,
             train_end=[math.nan] * n,
             drain_end=[math.nan] * n,
@@ -261,7 +262,7 @@ class Simulation:
         if w not in self._pending:
             self._compute_inflight()
         gradient = self._pending.pop(w)
-        self.outcome.ledgers[w].record(w, worker.computed, self._started[w], self.clock.now(), gradient.clock)
+        self.outcome.records.record(w, worker.computed, self._started[w], self.clock.now(), gradient.clock)
         self._send(w, worker.commit(gradient))
         self._start(w)
 
