@@ -65,7 +65,16 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["CLOCK_DTYPE", "LedgerError", "StalenessLedger", "StalenessStats", "compute_staleness", "model_staleness"]
+from dasgd.core.rows import RowBlocks
+
+__all__ = [
+    "CLOCK_DTYPE",
+    "LedgerError",
+    "StalenessLedger",
+    "StalenessStats",
+    "compute_staleness",
+    "model_staleness",
+]
 
 
 class LedgerError(ValueError):
@@ -357,8 +366,9 @@ class StalenessLedger:
     computed by :meth:`stats`. The clock is copied on record, so callers may keep mutating theirs.
 
     Clocks are the bulk of a long run's records (one entry per worker per gradient), so they are kept as
-    :data:`CLOCK_DTYPE` rows in fixed-size blocks: growing never copies what is already recorded, and
-    :meth:`take` hands the records over as one table without holding two copies at once.
+    :data:`CLOCK_DTYPE` rows in fixed-size blocks (:class:`dasgd.core.rows.RowBlocks`): growing never copies
+    what is already recorded, and :meth:`take` hands the records over as one table without holding two
+    copies at once.
     """
 
     def __init__(self, world_size: int) -> None:
@@ -366,16 +376,15 @@ class StalenessLedger:
         if world < 1:
             raise LedgerError(f"world_size must be >= 1, got {world}")
         self._world = world
-        self._block_rows = max(16, min(4096, (1 << 20) // world))  # about 4 MiB of clock entries a block
         self._reset()
 
     def _reset(self) -> None:
         self._size = 0
-        self._blocks: list[np.ndarray] = []
-        self._origin = np.zeros(self._block_rows, dtype=np.int64)
-        self._index = np.zeros(self._block_rows, dtype=np.int64)
-        self._start = np.zeros(self._block_rows, dtype=np.float64)
-        self._end = np.zeros(self._block_rows, dtype=np.float64)
+        self._clocks = RowBlocks(self._world, CLOCK_DTYPE)
+        self._origin = np.zeros(64, dtype=np.int64)
+        self._index = np.zeros(64, dtype=np.int64)
+        self._start = np.zeros(64, dtype=np.float64)
+        self._end = np.zeros(64, dtype=np.float64)
 
     @property
     def world_size(self) -> int:
@@ -408,19 +417,14 @@ class StalenessLedger:
             raise LedgerError(f"clock must have world_size={self._world} entries, got {vc.shape[0]}")
         if vc.size and vc.min() < 0:
             raise LedgerError("clock entries count applied gradients and must be >= 0")
-        if vc.size and vc.max() > np.iinfo(CLOCK_DTYPE).max:
-            raise LedgerError(
-                f"clock entry {int(vc.max())} is above {np.iinfo(CLOCK_DTYPE).max}, the most gradients of one "
-                "worker the ledger counts"
-            )
+        try:
+            self._clocks.append(vc)
+        except OverflowError as exc:
+            raise LedgerError(f"clock {exc}: more gradients of one worker than the ledger counts") from None
         n = self._size
         if n == self._origin.shape[0]:
             self._grow_columns()
-        row = n % self._block_rows
-        if row == 0:
-            self._blocks.append(np.empty((self._block_rows, self._world), dtype=CLOCK_DTYPE))
         self._origin[n], self._index[n], self._start[n], self._end[n] = o, i, t0, t1
-        self._blocks[-1][row] = vc
         self._size = n + 1
 
     def _grow_columns(self) -> None:
@@ -432,17 +436,6 @@ class StalenessLedger:
             new[: self._size] = old[: self._size]
             setattr(self, name, new)
 
-    def _clock_table(self, release: bool) -> np.ndarray:
-        """The recorded clocks as one ``(len, world_size)`` table; ``release`` frees each block once copied."""
-        table = np.empty((self._size, self._world), dtype=CLOCK_DTYPE)
-        for b in range(len(self._blocks)):
-            lo = b * self._block_rows
-            hi = min(self._size, lo + self._block_rows)
-            table[lo:hi] = self._blocks[b][: hi - lo]
-            if release:
-                self._blocks[b] = None  # type: ignore[call-overload]  # one copy of the clocks at a time
-        return table
-
     def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Copies of the records in recording order: ``(origin, index, start, end, clock)``."""
         n = self._size
@@ -451,7 +444,7 @@ class StalenessLedger:
             self._index[:n].copy(),
             self._start[:n].copy(),
             self._end[:n].copy(),
-            self._clock_table(release=False),
+            self._clocks.table(),
         )
 
     def take(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -465,7 +458,7 @@ class StalenessLedger:
             self._index[:n].copy(),
             self._start[:n].copy(),
             self._end[:n].copy(),
-            self._clock_table(release=True),
+            self._clocks.table(release=True),
         )
         self._reset()
         return records
@@ -473,4 +466,4 @@ class StalenessLedger:
     def stats(self) -> StalenessStats:
         """Staleness statistics of everything recorded so far (see :func:`compute_staleness`)."""
         n = self._size
-        return compute_staleness(self._origin[:n], self._index[:n], self._end[:n], self._clock_table(False))
+        return compute_staleness(self._origin[:n], self._index[:n], self._end[:n], self._clocks.table())

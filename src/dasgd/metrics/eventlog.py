@@ -33,6 +33,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from dasgd.core.rows import RowBlocks
+
 if TYPE_CHECKING:
     from dasgd.core.ledger import StalenessStats
 
@@ -265,48 +267,6 @@ class EventLog:
         return compute_staleness(self.origin, self.index, self.end, self.clock)
 
 
-class _ClockBlocks:
-    """Clock rows collected in fixed-size blocks, int32 until an entry needs more.
-
-    Logs of simulations with thousands of workers hold 10^8 clock entries: as Python lists they would take
-    tens of gigabytes, as one growing array they would be copied on every doubling.
-    """
-
-    _NARROW = np.iinfo(np.int32).max
-
-    def __init__(self) -> None:
-        self.width: int | None = None
-        self.rows = 0
-        self._blocks: list[np.ndarray] = []
-        self._block_rows = 0
-        self._dtype = np.dtype(np.int32)
-
-    def append(self, clock: list[int]) -> None:
-        if self.width is None:
-            self.width = len(clock)
-            self._block_rows = max(16, min(4096, (1 << 20) // max(1, self.width)))
-        row = np.asarray(clock, dtype=np.int64)
-        if self._dtype == np.int32 and row.size and int(row.max()) > self._NARROW:
-            self._dtype = np.dtype(np.int64)
-            self._blocks = [b.astype(np.int64) for b in self._blocks]
-        at = self.rows % self._block_rows
-        if at == 0:
-            self._blocks.append(np.empty((self._block_rows, self.width), dtype=self._dtype))
-        self._blocks[-1][at] = row
-        self.rows += 1
-
-    def table(self, width: int) -> np.ndarray:
-        """All rows as one ``(rows, width)`` array; each block is freed once copied."""
-        table = np.empty((self.rows, width), dtype=self._dtype)
-        for b, block in enumerate(self._blocks):
-            lo = b * self._block_rows
-            hi = min(self.rows, lo + self._block_rows)
-            table[lo:hi] = block[: hi - lo]
-            self._blocks[b] = None  # type: ignore[call-overload]
-        self._blocks = []
-        return table
-
-
 class _LineParser:
     """Validates decoded lines, collecting the columns; errors name ``file:line``."""
 
@@ -316,7 +276,7 @@ class _LineParser:
         self.index: list[int] = []
         self.start: list[float] = []
         self.end: list[float] = []
-        self.clock = _ClockBlocks()
+        self.clock: RowBlocks | None = None  # int32 rows in blocks: 10^8 entries as lists would be 10s of GB
         self.evals: list[dict[str, Any]] = []
         self.runs: list[dict[str, Any]] = []
 
@@ -360,7 +320,9 @@ class _LineParser:
             "a list of integers",
             lineno,
         )
-        if self.clock.width is not None and len(clock) != self.clock.width:
+        if self.clock is None:
+            self.clock = RowBlocks(len(clock), np.dtype(np.int32), widen=True)
+        elif len(clock) != self.clock.width:
             raise self.fail(
                 lineno, f"clock has {len(clock)} entries but earlier lines had {self.clock.width}"
             )
@@ -372,7 +334,7 @@ class _LineParser:
         self.index.append(index)
         self.start.append(float(start))
         self.end.append(float(end))
-        self.clock.append(clock)
+        self.clock.append(np.asarray(clock, dtype=np.int64))
 
     def _eval(self, event: dict[str, Any], lineno: int) -> None:
         self.need(event, "worker", _is_int, "an integer", lineno)
@@ -384,10 +346,12 @@ class _LineParser:
         self.evals.append({k: v for k, v in event.items() if k != "type"})
 
     def build(self) -> EventLog:
-        width = self.clock.width or 0
-        if self.clock.width is None and self.evals:
-            width = 1 + max(int(ev["worker"]) for ev in self.evals)
-        clock = self.clock.table(width)
+        if self.clock is not None:
+            width = self.clock.width
+            clock = self.clock.table(release=True)
+        else:
+            width = 1 + max(int(ev["worker"]) for ev in self.evals) if self.evals else 0
+            clock = np.zeros((0, width), dtype=np.int64)
         return EventLog(
             origin=_readonly(np.asarray(self.origin, dtype=np.int64)),
             index=_readonly(np.asarray(self.index, dtype=np.int64)),

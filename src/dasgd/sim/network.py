@@ -28,6 +28,11 @@ from dasgd.transport.queue import CoalescingQueue
 __all__ = ["SimNetwork", "SimTransport"]
 
 
+_TRIM_EVERY = 256
+"""Broadcast-log entries between trims. An entry holds a gradient and its prefix sum (12 bytes a parameter
+together): trimming rarely would keep thousands of read entries alive, trimming each time costs a scan."""
+
+
 class _Link:
     __slots__ = ("free_at", "last_arrival", "queue", "event_pending", "down_until", "rng", "model")
 
@@ -93,6 +98,7 @@ class SimNetwork:
         self._log_base = 0  # log position of _log_time[0]
         self._cursor = [0] * n
         self._retired = [False] * n
+        self._retired_count = 0
         # Bundled polls (bundles.py): only for algorithms whose updates commute, chosen by the engine.
         self._index: LogIndex | None = LogIndex() if bundle else None
         d = model.default
@@ -253,7 +259,7 @@ class SimNetwork:
         if self._index is not None:
             self._index.append(src, msg)
         self._seq += 1
-        if len(self._log_time) >= 4096 and len(self._log_time) % 4096 == 0:
+        if len(self._log_time) % _TRIM_EVERY == 0:
             self._trim()
         self._on_broadcast(src, arrival)
         return True
@@ -271,7 +277,11 @@ class SimNetwork:
 
     def retire(self, rank: int) -> None:
         """``rank`` will never poll again (drained or dead): it no longer holds the broadcast log back."""
-        self._retired[rank] = True
+        if not self._retired[rank]:
+            self._retired[rank] = True
+            self._retired_count += 1
+            if self._retired_count == self.n:
+                self._trim()  # nobody reads the log any more: its gradients and prefix sums can go
 
     def poll(self, rank: int) -> list[Message]:
         """Messages that have reached ``rank`` by now, in arrival order."""
