@@ -259,6 +259,37 @@ def test_ledger_grows_past_initial_capacity() -> None:
     assert ledger.arrays()[4].shape == (3000, 2)
 
 
+def test_ledger_take_hands_over_narrow_clocks_and_empties_it() -> None:
+    ledger = StalenessLedger(3)
+    for origin, index, end, vc in HAND_ROWS:
+        ledger.record(origin, index, end - 0.5, end, np.array(vc))
+    copies = ledger.arrays()
+    taken = ledger.take()
+    assert taken[4].dtype == np.int32  # 4 bytes an entry: a large run's table is 10^8 of them
+    for a, b in zip(copies, taken, strict=True):
+        np.testing.assert_array_equal(a, b)
+    assert len(ledger) == 0 and ledger.arrays()[4].shape == (0, 3)
+    ledger.record(0, 0, 0.0, 1.0, np.zeros(3, dtype=np.int64))  # still usable
+    assert len(ledger) == 1
+
+
+def test_narrow_clocks_give_the_same_staleness_as_int64() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        origin, index, end, clock = _random_schedule(rng, skew=True)
+        wide = compute_staleness(origin, index, end, clock.astype(np.int64))
+        narrow = compute_staleness(origin, index, end, clock.astype(np.int32))
+        assert narrow.per_gradient.tolist() == wide.per_gradient.tolist()
+        assert narrow.loose.tolist() == wide.loose.tolist() and narrow.anomalies == wide.anomalies
+
+
+def test_ledger_refuses_a_clock_entry_it_cannot_store() -> None:
+    ledger = StalenessLedger(2)
+    with pytest.raises(LedgerError, match="more gradients of one worker"):
+        ledger.record(0, 0, 0.0, 1.0, np.array([0, 2**31]))
+    assert len(ledger) == 0
+
+
 # --- model staleness, histogram, dict ----------------------------------------------------------------------
 
 

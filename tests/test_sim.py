@@ -12,7 +12,9 @@ import torch
 
 from dasgd.algorithms import DASGD
 from dasgd.experiments.spec import resolve_spec
+from dasgd.metrics.eventlog import read_event_log
 from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
+from dasgd.runtime.results import render_run_dir
 from dasgd.runtime.simulate import build_simulation, compute_model, network_model, simulate
 from dasgd.sim.engine import Simulation, StopPolicy
 from dasgd.sim.events import EventKind, EventQueue
@@ -140,6 +142,23 @@ def test_a_crash_is_survived_and_its_undelivered_gradients_are_reported(tmp_path
     assert s["drained"]
     assert s["simulation"]["crashed_workers"] == [1]
     assert all(w["computed"] > 60 for w in s["per_worker"])  # survivors trained to the end of the budget
+    # As in a real run, the dead worker's records are gone with it: the log and the staleness hold the
+    # survivors' gradients only.
+    log = read_event_log(tmp_path / "c" / "events.jsonl")
+    assert 1 not in set(log.origin.tolist())
+    assert log.num_gradients == s["staleness"]["count"] == sum(w["computed"] for w in s["per_worker"])
+    assert log.staleness().to_dict() == s["staleness"]
+
+
+def test_a_run_rendered_from_memory_equals_one_rendered_from_its_event_log(tmp_path):
+    """simulate() renders from the records it holds; `dasgd report` re-renders from events.jsonl."""
+    spec = quad_spec(workers=5, max_gradients=300, simulation={"latency": 0.004, "compute": "lognormal"})
+    run = tmp_path / "r"
+    s = simulate(spec, run)
+    first = {name: (run / name).read_text() for name in ("report.md", "metrics.csv")}
+    render_run_dir(run)
+    assert {name: (run / name).read_text() for name in first} == first
+    assert read_event_log(run / "events.jsonl").staleness().to_dict() == s["staleness"]
 
 
 def test_link_outage_delays_but_loses_nothing_and_loss_with_retransmission_loses_nothing(tmp_path):
