@@ -7,9 +7,9 @@ counts gradient messages applied by receiving replicas (every gradient reaches e
 that grows as gradients x workers. The third configuration is issue 3's goal: 1,000 workers training MNIST
 logistic regression to 90% test accuracy; "wall" includes writing the run directory.
 
-    python benchmarks/bench_sim.py            # 100 and 1,000 workers, and 1,000 workers to 90% (about 6 min)
+    python benchmarks/bench_sim.py            # 100 and 1,000 workers, and 1,000 workers to 90% (about 2.5 min)
     python benchmarks/bench_sim.py --quick    # the same, smaller budgets
-    python benchmarks/bench_sim.py --with-10k # also 10,000 workers on the quadratic (about 6.5 minutes, 13 GB)
+    python benchmarks/bench_sim.py --with-10k # also 10,000 workers on the quadratic (about 5.5 minutes, 3.6 GB)
 """
 
 from __future__ import annotations
@@ -37,7 +37,7 @@ CONFIGS = {
     ),
 }
 HUGE = {
-    # Every worker computes about two gradients: 2e8 deliveries; about 6.5 minutes and 13 GB here.
+    # Every worker computes about two gradients: 2e8 deliveries; about 5.5 minutes and 3.6 GB here.
     "10,000 workers, quadratic d=10": ("quadratic", 10_000, 10_000, {"dim": 10, "lr": 0.0001}),
 }
 QUICK = {
@@ -129,7 +129,7 @@ def main() -> None:
         rows.append(row)
         print(
             f"{name:34s} gradients {row['gradients']:>7,}  deliveries {row['deliveries']:>12,}  "
-            f"wall {row['wall_s']:7.1f} s  events/s {row['events'] / row['sim_wall_s']:8,.0f}  "
+            f"wall {row['wall_s']:7.1f} s (simulating {row['sim_wall_s']:6.1f} s)  events/s {row['events'] / row['sim_wall_s']:8,.0f}  "
             f"deliveries/s {row['deliveries'] / row['sim_wall_s']:10,.0f}  peak {row['peak_memory_mb']:7,.0f} MB  "
             f"S_avg {row['s_avg']:8.1f}  agree {row['replicas_agree']}"
             + (f"  test accuracy {row['test_accuracy']:.4f}" if row.get("test_accuracy") is not None else "")

@@ -54,7 +54,7 @@ def worker_shard(
         end=end,
         clock=clocks,
         params=worker.params.detach().cpu().numpy().copy(),
-        final_clock=worker.clock.copy(),
+        final_clock=worker.clock,  # the worker has finished: its clock no longer changes (no n x n copy)
         meta={
             "rank": worker.rank,
             "computed": worker.computed,
@@ -108,25 +108,31 @@ def summarize(
     n = spec.workers
     live = [int(s.meta["rank"]) for s in shards]
     dead = sorted(set(range(n)) - set(live))
-    final_clocks = np.stack([s.final_clock for s in shards])
-    computed = final_clocks.max(axis=0).astype(np.int64)  # dead workers: the most anyone got
+    # Per-worker clocks are n entries each: at 10,000 workers, n x n tables are 0.8 GB apiece, so they are
+    # reduced one worker at a time rather than stacked.
+    computed = np.zeros(n, dtype=np.int64)
+    for s in shards:
+        np.maximum(computed, s.final_clock, out=computed)  # dead workers: the most anyone got
     for s in shards:
         computed[s.meta["rank"]] = s.meta["computed"]
     total = int(computed.sum())
     replicas = _replica_contract(spec.algorithm)
     # Which replicas must end holding every gradient: all of them (gradient-push algorithms), the server's
     # (parameter-server ASGD), or none (model averaging: no replica holds a gradient set).
-    holders = final_clocks
-    if replicas == "server":
-        holders = final_clocks[[i for i, s in enumerate(shards) if s.meta["rank"] == 0]]
-    if replicas == "none" or holders.shape[0] == 0:
+    holders = [s.final_clock for s in shards if replicas != "server" or s.meta["rank"] == 0]
+    if replicas == "none" or not holders:
         lost, duplicated, exactly_once = 0, 0, None
     else:
         # A gradient is lost when some live holder does not hold it at the end.
-        lost = int(np.maximum(0, computed - holders.min(axis=0)).sum())
-        duplicated = int(np.maximum(0, holders - computed).sum())
-        exactly_once = bool(np.array_equal(holders, np.broadcast_to(computed, holders.shape)))
-    set_digests = [hashlib.sha256(c.astype("<i8").tobytes()).hexdigest()[:16] for c in final_clocks]
+        least = holders[0].astype(np.int64)
+        duplicated, exactly_once = 0, True
+        for clock in holders:
+            np.minimum(least, clock, out=least)
+            duplicated += int(np.maximum(0, clock - computed).sum())
+            exactly_once = exactly_once and bool(np.array_equal(clock, computed))
+        lost = int(np.maximum(0, computed - least).sum())
+    set_digests = [hashlib.sha256(s.final_clock.astype("<i8").tobytes()).hexdigest()[:16] for s in shards]
+    applied = [int(s.final_clock.sum()) for s in shards]
 
     ref = shards[0].params.astype(np.float64)
     diffs = [float(np.max(np.abs(s.params.astype(np.float64) - ref))) if ref.size else 0.0 for s in shards]
@@ -184,7 +190,7 @@ def summarize(
         "final_metrics": next((s.meta["final_metrics"] for s in shards if s.meta.get("final_metrics")), {}),
         **_to_target(spec, [e for s in shards for e in s.meta.get("evals", [])]),
         "gradients_computed": total,
-        "gradients_applied": [int(c.sum()) for c in final_clocks],
+        "gradients_applied": applied,
         "gradients_lost": lost,
         "gradients_duplicated": duplicated,
         "exactly_once": exactly_once,

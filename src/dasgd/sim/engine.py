@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from dasgd.core.ledger import StalenessLedger
+from dasgd.core.ledger import CLOCK_DTYPE, StalenessLedger
 from dasgd.sim.batched import BatchedGradients
 from dasgd.sim.events import EventKind, EventQueue, VirtualClock
 from dasgd.sim.models import ComputeModel, FailurePlan, NetworkModel
@@ -246,7 +246,8 @@ class Simulation:
         if self._state[w] == _WAITING:
             self._state[w] = _COMPUTING
             self._waiting.discard(w)
-        self._snapshot[w] = worker.clock.copy()
+        # The clock as the ledger stores it (int32): n of these are alive, 10^8 entries at 10,000 workers.
+        self._snapshot[w] = worker.clock.astype(CLOCK_DTYPE)
         self._started[w] = t
         if self._batched is None:
             self._pending[w] = worker.compute()
