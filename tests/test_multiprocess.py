@@ -164,9 +164,17 @@ def test_two_torchrun_nodes_of_two_processes(tmp_path):
                 n.kill()
     assert all(n.returncode == 0 for n in nodes), outs
     s = json.loads((run_dir / "summary.json").read_text())
+    # This test has failed about once in 20 runs on a loaded 2-core machine; say enough to tell why.
+    brief = {
+        "final_metrics": s["final_metrics"],
+        "staleness": {k: v for k, v in s["staleness"].items() if k != "histogram"},
+        "stop_reason": s["stop_reason"],
+        "computed": [w["computed"] for w in s["per_worker"]],
+        "wall_time_s": s["wall_time_s"],
+    }
     assert s["workers"] == 4
-    assert s["gradients_lost"] == 0 and s["exactly_once"] and s["replicas_agree"]
-    assert s["final_metrics"]["test_accuracy"] >= 0.9
+    assert s["gradients_lost"] == 0 and s["exactly_once"] and s["replicas_agree"], (brief, s["gradients_lost"])
+    assert s["final_metrics"]["test_accuracy"] >= 0.9, brief
     assert (run_dir / "plots" / "staleness.png").exists()
 
 
