@@ -79,6 +79,24 @@ def _write_schedule(path: Path) -> dict[str, Any]:
 # ---------------------------------------------------------------- event log
 
 
+def test_reading_without_clocks_keeps_everything_else(tmp_path: Path) -> None:
+    path = tmp_path / "events.jsonl"
+    data = _write_schedule(path)
+    full, light = read_event_log(path), read_event_log(path, clocks=False)
+    for name in ("origin", "index", "start", "end"):
+        np.testing.assert_array_equal(getattr(light, name), getattr(full, name))
+    assert light.evals == full.evals and light.runs == full.runs
+    assert light.clock.shape[0] == 0
+    with pytest.raises(EventLogError, match="without its clocks"):
+        light.staleness()
+    # The clock is not read, but the fields before it still are: a bad origin is still an error.
+    lines = path.read_text().splitlines()
+    lines[0] = lines[0].replace('"origin": ' + str(data["origin"][0]), '"origin": "x"', 1)
+    path.write_text("\n".join(lines) + "\n")
+    with pytest.raises(EventLogError, match="origin"):
+        read_event_log(path, clocks=False)
+
+
 def test_clock_entries_beyond_int32_are_read_exactly(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     big = 2**31 + 5

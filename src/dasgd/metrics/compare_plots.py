@@ -157,7 +157,7 @@ def plot_comparison(
         title: shown above both figures.
     """
     logs = [
-        (label, read_event_log(Path(d) / "events.jsonl"))
+        (label, read_event_log(Path(d) / "events.jsonl", clocks=False))  # times and evals only
         for label, d in runs
         if (Path(d) / "events.jsonl").is_file()
     ]

@@ -264,14 +264,20 @@ class EventLog:
         # Imported here so reading a log does not depend on the ledger module being importable.
         from dasgd.core.ledger import compute_staleness
 
+        if self.clock.shape[0] != self.num_gradients:
+            raise EventLogError(
+                "this log was read without its clocks (read_event_log(..., clocks=False)); read it with clocks "
+                "to compute staleness"
+            )
         return compute_staleness(self.origin, self.index, self.end, self.clock)
 
 
 class _LineParser:
     """Validates decoded lines, collecting the columns; errors name ``file:line``."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, clocks: bool = True) -> None:
         self.path = path
+        self.clocks = clocks
         self.origin: list[int] = []
         self.index: list[int] = []
         self.start: list[float] = []
@@ -313,6 +319,14 @@ class _LineParser:
         index = self.need(event, "index", _is_int, "an integer", lineno)
         start = self.need(event, "start", _is_number, "a number", lineno)
         end = self.need(event, "end", _is_number, "a number", lineno)
+        if not self.clocks:
+            if origin < 0 or index < 0:
+                raise self.fail(lineno, "gradient origin and index must be non-negative")
+            self.origin.append(origin)
+            self.index.append(index)
+            self.start.append(float(start))
+            self.end.append(float(end))
+            return
         clock = self.need(
             event,
             "clock",
@@ -350,7 +364,9 @@ class _LineParser:
             width = self.clock.width
             clock = self.clock.table(release=True)
         else:
-            width = 1 + max(int(ev["worker"]) for ev in self.evals) if self.evals else 0
+            # No clocks read: the workers seen are all the log can tell.
+            seen = [int(ev["worker"]) for ev in self.evals] + ([max(self.origin)] if self.origin else [])
+            width = 1 + max(seen) if seen else 0
             clock = np.zeros((0, width), dtype=np.int64)
         return EventLog(
             origin=_readonly(np.asarray(self.origin, dtype=np.int64)),
@@ -364,8 +380,18 @@ class _LineParser:
         )
 
 
-def read_event_log(path: str | os.PathLike[str]) -> EventLog:
+_GRADIENT_PREFIX = '{"type": "gradient"'
+_CLOCK_KEY = ', "clock": ['
+
+
+def read_event_log(path: str | os.PathLike[str], clocks: bool = True) -> EventLog:
     """Parse an event log strictly.
+
+    Args:
+        path: the ``events.jsonl`` file.
+        clocks: False reads gradient events without their clocks (``clock`` has no rows): for callers that need
+            evaluations, run events and gradient times only. A large simulation's log holds 10^8 clock entries;
+            lines as this module writes them are then parsed up to the clock, which is neither read nor checked.
 
     Raises:
         EventLogError: a line is not a JSON object, has an unknown ``type``, lacks a field, has a field of the
@@ -373,13 +399,18 @@ def read_event_log(path: str | os.PathLike[str]) -> EventLog:
         FileNotFoundError: the file does not exist.
     """
     path = Path(path)
-    parser = _LineParser(path)
+    parser = _LineParser(path, clocks)
     with path.open("r", encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
+            text = line
+            if not clocks and line.startswith(_GRADIENT_PREFIX):
+                cut = line.find(_CLOCK_KEY)
+                if cut > 0:
+                    text = line[:cut] + "}"  # the writer puts the clock last: stop before it
             try:
-                event = json.loads(line)
+                event = json.loads(text)
             except json.JSONDecodeError as exc:
                 raise parser.fail(lineno, f"not valid JSON ({exc.msg} at column {exc.colno})") from exc
             parser.add(event, lineno)
