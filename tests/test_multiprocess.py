@@ -173,7 +173,10 @@ def test_two_torchrun_nodes_of_two_processes(tmp_path):
         "wall_time_s": s["wall_time_s"],
     }
     assert s["workers"] == 4
-    assert s["gradients_lost"] == 0 and s["exactly_once"] and s["replicas_agree"], (brief, s["gradients_lost"])
+    assert s["gradients_lost"] == 0 and s["exactly_once"] and s["replicas_agree"], (
+        brief,
+        s["gradients_lost"],
+    )
     assert s["final_metrics"]["test_accuracy"] >= 0.9, brief
     assert (run_dir / "plots" / "staleness.png").exists()
 

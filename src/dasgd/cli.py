@@ -450,7 +450,9 @@ def _simulate_one(args: argparse.Namespace) -> int:
         from dasgd.experiments.sweep import loss_to_target
         from dasgd.metrics.eventlog import read_event_log
 
-        grads, when = loss_to_target(read_event_log(run_dir / "events.jsonl", clocks=False).evals, args.target_loss)
+        grads, when = loss_to_target(
+            read_event_log(run_dir / "events.jsonl", clocks=False).evals, args.target_loss
+        )
         summary["target_loss"] = args.target_loss
         summary["gradients_to_target"], summary["time_to_target_s"] = grads, when
     if args.json:

@@ -382,7 +382,9 @@ def _row(point: SweepPoint, summary: Mapping[str, Any], target_loss: float | Non
     if target_loss is not None:
         from dasgd.metrics.eventlog import read_event_log
 
-        grads, when = loss_to_target(read_event_log(point.run_dir / "events.jsonl", clocks=False).evals, target_loss)
+        grads, when = loss_to_target(
+            read_event_log(point.run_dir / "events.jsonl", clocks=False).evals, target_loss
+        )
     else:
         grads, when = summary.get("gradients_to_target"), summary.get("time_to_target_s")
     row: dict[str, Any] = {
