@@ -74,9 +74,9 @@ import torch
 import torch.distributed as dist
 
 from dasgd.core.message import Kind, Message
-from dasgd.core.wire import WireError, decode_detached, encode_into, encoded_size
-from dasgd.transport.base import RingShutdown, TransportStats
+from dasgd.core.wire import decode_detached, encode_into, encoded_size
 from dasgd.transport.queue import CoalescingQueue
+from dasgd.transport.threads import PeerThreads
 
 __all__ = ["SplitPlaneTransport", "SplitPlaneUsageError", "make_data_groups"]
 
@@ -143,7 +143,7 @@ def _normalise_device(device: torch.device | str) -> torch.device:
     return dev
 
 
-class SplitPlaneTransport(RingShutdown):
+class SplitPlaneTransport(PeerThreads):
     """A Transport endpoint whose headers travel on a Gloo control group and payloads on data groups.
 
     Implements the :class:`dasgd.transport.base.Transport` protocol, plus :meth:`expect_shutdown` and
@@ -201,8 +201,7 @@ class SplitPlaneTransport(RingShutdown):
                         f"{dist.get_rank(group)} here, but the transport was given world_size={world_size} "
                         f"and rank={rank}; all three groups must span the same ranks in the same order"
                     )
-        self.rank = rank
-        self.world_size = world_size
+        self._setup_threads(rank, world_size, coalesce)
         self._numel = numel
         self._dtype = dtype
         self._device = _normalise_device(device)
@@ -217,21 +216,8 @@ class SplitPlaneTransport(RingShutdown):
         self._payload_bytes = numel * dtype.itemsize
         # CUDA-only: the stream consumers of received tensors work on (see the module docstring).
         self._consumer_stream = torch.cuda.current_stream(self._device) if self._cuda else None
-        self._coalesce = coalesce
-        self._inbox = CoalescingQueue(coalesce)
-        self._outboxes: dict[int, _Outbox] = {}
-        self._senders: dict[int, threading.Thread] = {}
-        self._lock = threading.Lock()
-        self._stats = TransportStats()
         self._unsynced: set[int] = set()  # senders whose data plane is out of step with their headers
-        self._shutdown_expected = threading.Event()
-        self._closed = False
-        self._receiver: threading.Thread | None = None
-        if world_size > 1:
-            self._receiver = threading.Thread(
-                target=self._receive_loop, name=f"dasgd-splitrecv-{rank}", daemon=True
-            )
-            self._receiver.start()
+        self._start_receiver(f"dasgd-splitrecv-{rank}")
 
     # -- Transport protocol ---------------------------------------------------------------------------
     def send(self, peer: int, msg: Message) -> None:
@@ -259,21 +245,9 @@ class SplitPlaneTransport(RingShutdown):
                     f"payload is on {payload.device} but the data device is {self._device}; "
                     f"move it with .to({str(self._device)!r}) before sending"
                 )
-        with self._lock:
-            if peer in self._stats.dead_peers:
-                self._stats.undelivered += 1
-                return
-            out = self._outboxes.get(peer)
-            if out is None:
-                out = self._outboxes[peer] = _Outbox(self._coalesce)
-                thread = threading.Thread(
-                    target=self._send_loop,
-                    args=(peer, out),
-                    name=f"dasgd-splitsend-{self.rank}-{peer}",
-                    daemon=True,
-                )
-                self._senders[peer] = thread
-                thread.start()
+        out = self._outbox(peer, f"dasgd-splitsend-{self.rank}-{peer}")
+        if out is None:
+            return
         with out.lock:
             out.box.put(msg)
             if payload is not None and payload.is_cuda:
@@ -284,34 +258,12 @@ class SplitPlaneTransport(RingShutdown):
                 event.record(stream)
                 out.ready[stream] = event
 
-    def poll(self) -> list[Message]:
-        return self._inbox.drain()
+    def _new_outbox(self) -> _Outbox:
+        return _Outbox(self._coalesce)
 
-    def wait(self, timeout: float) -> bool:
-        return self._inbox.wait_nonempty(timeout)
-
-    def flush(self, timeout: float) -> bool:
-        import time  # the transport is a real-time component; the deadline is wall time by nature
-
-        deadline = time.monotonic() + timeout
-        for out in list(self._outboxes.values()):
-            if not out.box.wait_idle(max(0.0, deadline - time.monotonic())):
-                return False
-        return True
-
-    def stats(self) -> TransportStats:
-        with self._lock:
-            self._stats.coalesced = sum(o.box.stats.coalesced for o in self._outboxes.values())
-            return self._stats
-
-    def close(self) -> None:
-        if self._closed:
-            return
-        self._closed = True
-        for out in self._outboxes.values():
-            out.box.close()
-        for thread in self._senders.values():
-            thread.join(timeout=1.0)
+    @staticmethod
+    def _queue_of(outbox: _Outbox) -> CoalescingQueue:
+        return outbox.box
 
     # -- plumbing -------------------------------------------------------------------------------------
     def _data_group(self, src: int, dst: int) -> dist.ProcessGroup:
@@ -349,15 +301,9 @@ class SplitPlaneTransport(RingShutdown):
                     dist.isend(buf[:n], group=self._control, group_dst=peer, tag=_TAG).wait()
                     if detached:
                         n += self._send_payload(peer, msg.payload, out, group)
-                    with self._lock:
-                        self._stats.sent_messages += 1
-                        self._stats.sent_bytes += n
+                    self._count_sent(n)
                 except RuntimeError:
-                    # Gloo raises RuntimeError("... Connection closed by peer ...") when the peer died. The
-                    # pair is unusable for good: count what we could not deliver and stop sending to it.
-                    with self._lock:
-                        self._stats.dead_peers.add(peer)
-                        self._stats.undelivered += 1 + len(box.drain())
+                    self._peer_died(peer, box)
                 finally:
                     # Only now: for CUDA, _send_payload has synchronised, so the transfer no longer needs
                     # the payload that ``msg`` keeps alive until here.
@@ -406,30 +352,13 @@ class SplitPlaneTransport(RingShutdown):
 
     def _receive_loop(self) -> None:
         with self._side_stream():
-            buf = torch.empty(self._capacity, dtype=torch.uint8)
-            view = memoryview(buf.numpy())
-            while True:
-                try:
-                    dist.irecv(buf, src=None, group=self._control, tag=_TAG).wait()
-                except RuntimeError:
-                    if self._closed:
-                        return
-                    # Oversized (e.g. a payload inside the header) or broken; count and keep listening.
-                    self._reject("receive_error")
-                    continue
-                try:
-                    head = decode_detached(view, world_size=self.world_size, key=self._key)
-                except WireError as exc:
-                    self._reject(exc.reason)
-                    continue
+            for head in self._decoded(self._control, _TAG, decode_detached):
                 msg = head.message
                 nbytes = encoded_size(
                     head.numel, head.dtype, 0 if msg.clock is None else len(msg.clock), self._key is not None
                 )
                 if msg.kind == Kind.SHUTDOWN:
-                    with self._lock:
-                        self._stats.received_messages += 1
-                        self._stats.received_bytes += nbytes
+                    self._count_received(nbytes)
                     if self._shutdown_expected.is_set():
                         return
                     self._reject("early_shutdown")
@@ -461,9 +390,7 @@ class SplitPlaneTransport(RingShutdown):
                         self._reject("data_receive_error", unsync=sender)
                         continue
                     msg = dataclasses.replace(msg, payload=payload)
-                with self._lock:
-                    self._stats.received_messages += 1
-                    self._stats.received_bytes += nbytes
+                self._count_received(nbytes)
                 self._deliver(msg)
 
     def _deliver(self, msg: Message) -> None:
