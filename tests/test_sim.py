@@ -150,6 +150,15 @@ def test_a_crash_is_survived_and_its_undelivered_gradients_are_reported(tmp_path
     assert log.staleness().to_dict() == s["staleness"]
 
 
+def test_the_quadratic_default_stepsize_converges_with_many_workers(tmp_path):
+    """The sequential default 0.5 diverged from 4 workers on (16 reached a loss of 10^110)."""
+    spec = resolve_spec({}, simulate=True, task="quadratic", workers=16, max_gradients=800, seed=1)
+    s = simulate(spec, tmp_path / "q")
+    start = read_event_log(tmp_path / "q" / "events.jsonl", clocks=False).evals[0]["loss"]
+    assert s["lr"] == pytest.approx(0.5 / 16)
+    assert s["final_metrics"]["loss"] < 0.1 * start
+
+
 def test_a_run_rendered_from_memory_equals_one_rendered_from_its_event_log(tmp_path):
     """simulate() renders from the records it holds; `dasgd report` re-renders from events.jsonl."""
     spec = quad_spec(workers=5, max_gradients=300, simulation={"latency": 0.004, "compute": "lognormal"})

@@ -190,6 +190,9 @@ def test_registry_names_and_errors() -> None:
         default_batch_size("nope")
     for name in TASK_NAMES:
         assert 0 < default_lr(name) <= 1 and default_batch_size(name) == 64
+    # The quadratic's default shrinks with the staleness that more workers bring (S_avg close to n).
+    assert default_lr("quadratic", 16) == pytest.approx(default_lr("quadratic") / 16)
+    assert default_lr("mnist-logreg", 16) == default_lr("mnist-logreg")
     assert issubclass(TaskError, ValueError) and issubclass(DatasetMissing, ValueError)
 
 

@@ -35,7 +35,9 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
         help="dasgd (default) | sync | ps-asgd | local-sgd | gossip | dasgd-cap | dasgd-damped (docs/algorithms.md)",
     )
     p.add_argument("--topology", help="complete | ring | torus | torus:RxC | random-regular:D | edges:PATH")
-    p.add_argument("--lr", type=float, help="fixed stepsize (default: the task's)")
+    p.add_argument(
+        "--lr", type=float, help="fixed stepsize (default: the task's; the quadratic's is 0.5 / workers)"
+    )
     p.add_argument("--batch-size", type=int, help="mini-batch size per gradient (default: the task's)")
     p.add_argument("--seed", type=int, help="run seed (default 0)")
     p.add_argument("--data", help="shared (homogeneous, default) | shards (disjoint, outside the theory)")

@@ -58,7 +58,7 @@ def resolve(spec: RunSpec) -> Resolved:
     except AlgorithmError as exc:
         raise SpecError("--algorithm", str(exc)) from None
     return Resolved(
-        lr=spec.lr if spec.lr is not None else default_lr(spec.task),
+        lr=spec.lr if spec.lr is not None else default_lr(spec.task, spec.workers),
         batch_size=spec.batch_size if spec.batch_size is not None else default_batch_size(spec.task),
         topology=topo,
     )
