@@ -269,6 +269,18 @@ def test_plan_sweep_is_the_cartesian_product_in_the_order_given(tmp_path):
     assert plan.notes == ()
 
 
+def test_sweeping_workers_on_the_quadratic_without_lr_says_the_stepsize_follows(tmp_path):
+    plan = plan_sweep(
+        {"task": "quadratic"}, {"max_gradients": 10, "simulation": {}}, ["workers=2,8"], tmp_path
+    )
+    assert [p.spec.workers for p in plan.points] == [2, 8]
+    assert any("0.5 / workers" in n for n in plan.notes)
+    fixed = plan_sweep(
+        {"task": "quadratic"}, {"max_gradients": 10, "lr": 0.01, "simulation": {}}, ["workers=2,8"], tmp_path
+    )
+    assert fixed.notes == ()
+
+
 def test_loss_to_target_takes_the_first_evaluation_at_or_below_the_target():
     evals = [
         {"worker": 0, "time": 0.2, "gradients": 40, "loss": 0.9},

@@ -285,6 +285,11 @@ def plan_sweep(
                 "slowdown is swept but straggler_share is 0 and no worker is named a straggler: "
                 "every point runs at full speed, so slowdown has no effect."
             )
+    if "workers" in keys and base.task == "quadratic" and base.lr is None and "lr" not in keys:
+        notes.append(
+            "workers is swept without --lr: the quadratic's default stepsize is 0.5 / workers, so it changes "
+            "from point to point with the staleness; pass --lr to hold it fixed."
+        )
     axes: list[SweepAxis] = []
     for key, texts in parsed:
         resolved, labels = [], []
