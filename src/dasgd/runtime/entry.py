@@ -24,7 +24,7 @@ from dasgd.metrics.shard import WorkerShard
 from dasgd.runtime.build import build_task, build_worker, resolve, secret_key
 from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import LoopConfig, WorkerLoop
-from dasgd.runtime.results import summarize, worker_shard, write_run_outputs
+from dasgd.runtime.results import run_log, summarize, worker_shard, write_run_outputs
 from dasgd.runtime.session import DistributedSession
 from dasgd.transport.torchdist import TorchDistTransport
 
@@ -148,8 +148,9 @@ def run_process(
         if rank == 0:
             assert gathered is not None
             shards = [WorkerShard.from_bytes(b) for b in gathered]
-            summary = summarize(spec, shards, task.describe(), resolved.batch_size, resolved.lr)
-            write_run_outputs(run_dir, spec, shards, summary)
+            log = run_log(shards, spec.workers)  # merged once: the summary and the run directory both read it
+            summary = summarize(spec, shards, task.describe(), resolved.batch_size, resolved.lr, log=log)
+            write_run_outputs(run_dir, summary, log)
         # Everyone has drained and gathered: nothing is in flight any more, so the receivers can be released.
         # Each rank must expect the SHUTDOWN before any peer sends one (else it is refused as early).
         transport.expect_shutdown()

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
-from dasgd.runtime.results import summarize, write_run_outputs
+from dasgd.runtime.results import run_log, summarize, write_run_outputs
 
 __all__ = ["RunFailed", "launch_local", "free_port"]
 
@@ -129,11 +129,12 @@ def _collect(spec: RunSpec, run_dir: Path, shard_dir: Path, logs: Path, failures
             f"{_tail(logs / f'rank{rank}.log')}"
         )
     meta0 = shards[0].meta
+    log = run_log(shards, spec.workers)  # merged once: the summary and the run directory both read it
     summary = summarize(
-        spec, shards, meta0.get("task_info", {}), int(meta0["batch_size"]), float(meta0["lr"])
+        spec, shards, meta0.get("task_info", {}), int(meta0["batch_size"]), float(meta0["lr"]), log=log
     )
     summary["failed_workers"] = {str(r): c for r, c in sorted(failures.items())}
-    write_run_outputs(run_dir, spec, shards, summary)
+    write_run_outputs(run_dir, summary, log)
     return summary
 
 

@@ -93,18 +93,16 @@ def summarize(
     batch_size: int,
     lr: float,
     time_unit: str = "wall",
-    log: EventLog | None = None,
+    *,
+    log: EventLog,
 ) -> dict[str, Any]:
     """The run's summary.json content (keys documented in dasgd.metrics.report).
 
     ``shards`` holds one shard per worker that finished; a worker that died leaves none. Its gradient count
     is then known only as the most any survivor holds, and the gradients some survivors hold and others do
-    not are counted as lost. ``log`` is the run's records (:func:`run_log`); without it they are merged from
-    the shards.
+    not are counted as lost. ``log`` is the run's records (:func:`run_log`).
     """
     shards = sorted(shards, key=lambda s: s.meta["rank"])
-    if log is None:
-        log = run_log(shards, spec.workers)
     n = spec.workers
     live = [int(s.meta["rank"]) for s in shards]
     dead = sorted(set(range(n)) - set(live))
@@ -321,21 +319,12 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def write_run_outputs(
-    run_dir: Path,
-    spec: RunSpec,
-    shards: list[WorkerShard],
-    summary: dict[str, Any],
-    render: bool = True,
-    log: EventLog | None = None,
-) -> None:
-    """Write events.jsonl and summary.json, then (unless ``render`` is False) metrics.csv, plots and
-    report.md. ``log`` is the run's records (:func:`run_log`); without it they are merged from the shards."""
+def write_run_outputs(run_dir: Path, summary: dict[str, Any], log: EventLog, render: bool = True) -> None:
+    """Write events.jsonl (from ``log``, the run's records: :func:`run_log`) and summary.json, then (unless
+    ``render`` is False) metrics.csv, plots and report.md."""
     from dasgd.metrics.eventlog import write_event_log
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    if log is None:
-        log = run_log(shards, spec.workers)
     write_event_log(
         run_dir / "events.jsonl", log.origin, log.index, log.start, log.end, log.clock, log.evals, log.runs
     )

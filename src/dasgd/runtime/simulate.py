@@ -132,7 +132,7 @@ def simulate(
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
-    write_run_outputs(run_dir, spec, shards, summary, log=log)
+    write_run_outputs(run_dir, summary, log)
     return summary
 
 
