@@ -151,7 +151,7 @@ def summarize(
     drain_time = max(float(s.meta["drain_end"]) for s in shards)
     reasons = sorted({s.meta["stop_reason"] for s in shards} - {"stop_requested"})
     per_worker = []
-    for s, digest in zip(shards, set_digests):
+    for s, digest, held in zip(shards, set_digests, applied, strict=True):
         tr = s.meta.get("transport", {})
         rejected = dict(tr.get("rejected", {}))
         for k, v in s.meta.get("rejected", {}).items():
@@ -160,7 +160,7 @@ def summarize(
             {
                 "rank": s.meta["rank"],
                 "computed": s.meta["computed"],
-                "applied": int(s.final_clock.sum()),
+                "applied": held,
                 "rejected": rejected,
                 "sent_messages": tr.get("sent_messages", 0),
                 "sent_bytes": tr.get("sent_bytes", 0),
