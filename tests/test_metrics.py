@@ -104,6 +104,9 @@ def test_clock_entries_beyond_int32_are_read_exactly(tmp_path: Path) -> None:
     log = read_event_log(path)
     assert log.clock.dtype == np.int64
     np.testing.assert_array_equal(log.clock, [[0, 0], [0, 0], [1, big]])
+    path.write_text(path.read_text().replace(str(big), str(2**70)))
+    with pytest.raises(EventLogError, match="too large"):
+        read_event_log(path)
 
 
 def test_round_trip_equals_inputs(tmp_path: Path) -> None:

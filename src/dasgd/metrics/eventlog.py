@@ -344,11 +344,15 @@ class _LineParser:
             raise self.fail(lineno, f"origin {origin} is outside 0..{len(clock) - 1} (the clock's width)")
         if index < 0 or (clock and min(clock) < 0):
             raise self.fail(lineno, "gradient index and clock entries must be non-negative")
+        try:
+            row = np.asarray(clock, dtype=np.int64)
+        except OverflowError:
+            raise self.fail(lineno, "a clock entry is too large for a 64-bit integer") from None
         self.origin.append(origin)
         self.index.append(index)
         self.start.append(float(start))
         self.end.append(float(end))
-        self.clock.append(np.asarray(clock, dtype=np.int64))
+        self.clock.append(row)
 
     def _eval(self, event: dict[str, Any], lineno: int) -> None:
         self.need(event, "worker", _is_int, "an integer", lineno)
