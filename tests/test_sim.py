@@ -150,6 +150,13 @@ def test_a_crash_is_survived_and_its_undelivered_gradients_are_reported(tmp_path
     assert log.staleness().to_dict() == s["staleness"]
 
 
+def test_progress_reports_the_run_then_the_writing_phase(tmp_path):
+    seen = []
+    simulate(quad_spec(workers=3, max_gradients=6000), tmp_path / "p", on_progress=seen.append)
+    assert any("computed" in p for p in seen[:-1])  # the engine's progress while it runs
+    assert seen[-1] == {"phase": "summarising and writing the run directory"}
+
+
 def test_the_quadratic_default_stepsize_converges_with_many_workers(tmp_path):
     """The sequential default 0.5 diverged from 4 workers on (16 reached a loss of 10^110)."""
     spec = resolve_spec({}, simulate=True, task="quadratic", workers=16, max_gradients=800, seed=1)

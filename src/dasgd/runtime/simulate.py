@@ -93,12 +93,19 @@ def build_simulation(
 def simulate(
     spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None
 ) -> dict[str, Any]:
-    """Run ``spec`` in the simulator and write its run directory; return the summary."""
+    """Run ``spec`` in the simulator and write its run directory; return the summary.
+
+    ``on_progress`` gets the engine's progress dicts while it runs, then ``{"phase": ...}`` when the run
+    directory is being written.
+    """
     wall_start = time.perf_counter()
     engine, task, resolved = build_simulation(spec, on_progress)
     workers = engine.workers
     sim = spec.simulation
     outcome = engine.run()
+    if on_progress is not None:
+        # Summarising and writing a large run takes a while (15 s for 1,000 workers x 176,000 gradients).
+        on_progress({"phase": "summarising and writing the run directory"})
     live = [r for r in range(spec.workers) if not outcome.crashed[r]]
     evaluator = live[0] if live else 0
     final_metrics = task.evaluate(workers[evaluator].model, full=True) if live else {}
