@@ -154,7 +154,12 @@ def test_progress_reports_the_run_then_the_writing_phase(tmp_path):
     seen = []
     simulate(quad_spec(workers=3, max_gradients=6000), tmp_path / "p", on_progress=seen.append)
     assert any("computed" in p for p in seen[:-1])  # the engine's progress while it runs
-    assert seen[-1] == {"phase": "summarising and writing the run directory"}
+    s = read_event_log(tmp_path / "p" / "events.jsonl", clocks=False)
+    assert seen[-1] == {
+        "phase": "summarising and writing the run directory",
+        "computed": s.num_gradients,
+        "time": pytest.approx(max(r["time"] for r in s.runs)),
+    }
 
 
 def test_the_quadratic_default_stepsize_converges_with_many_workers(tmp_path):

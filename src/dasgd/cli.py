@@ -359,8 +359,7 @@ def _simulation_progress(spec: Any, enabled: bool):
 
     def update(progress: dict) -> None:
         if "phase" in progress:  # the simulation is over; what follows is bookkeeping
-            bar.set_description(progress["phase"], refresh=True)
-            return
+            bar.set_description(progress["phase"], refresh=False)
         value = progress.get("computed", 0) if by_gradients else progress.get("time", 0.0)
         bar.n = min(value, bar.total) if bar.total is not None else value
         post = {"t": f"{progress.get('time', 0.0):.3g}s", "training": progress.get("training", 0)}

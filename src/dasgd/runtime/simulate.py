@@ -95,8 +95,8 @@ def simulate(
 ) -> dict[str, Any]:
     """Run ``spec`` in the simulator and write its run directory; return the summary.
 
-    ``on_progress`` gets the engine's progress dicts while it runs, then ``{"phase": ...}`` when the run
-    directory is being written.
+    ``on_progress`` gets the engine's progress dicts while it runs, then one with a ``"phase"`` key (and the
+    final ``computed`` and ``time``) when the run directory is being written.
     """
     wall_start = time.perf_counter()
     engine, task, resolved = build_simulation(spec, on_progress)
@@ -105,7 +105,14 @@ def simulate(
     outcome = engine.run()
     if on_progress is not None:
         # Summarising and writing a large run takes a while (15 s for 1,000 workers x 176,000 gradients).
-        on_progress({"phase": "summarising and writing the run directory"})
+        computed = sum(w.computed for w in engine.workers)
+        on_progress(
+            {
+                "phase": "summarising and writing the run directory",
+                "computed": computed,
+                "time": outcome.end_time,
+            }
+        )
     live = [r for r in range(spec.workers) if not outcome.crashed[r]]
     evaluator = live[0] if live else 0
     final_metrics = task.evaluate(workers[evaluator].model, full=True) if live else {}
