@@ -105,7 +105,7 @@ def simulate(
     outcome = engine.run()
     if on_progress is not None:
         # Summarising and writing a large run takes a while (15 s for 1,000 workers x 176,000 gradients).
-        computed = sum(w.computed for w in engine.workers)
+        computed = sum(w.computed for w in workers)
         on_progress(
             {
                 "phase": "summarising and writing the run directory",

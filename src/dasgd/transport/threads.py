@@ -30,8 +30,12 @@ class PeerThreads(RingShutdown):
     Subclasses call :meth:`_setup_threads` in their constructor, :meth:`_start_receiver` once ready, get a
     peer's outbox with :meth:`_outbox` in ``send``, and implement ``_send_loop(peer, outbox)`` and
     ``_receive_loop()``. Override :meth:`_new_outbox` and :meth:`_queue_of` when an outbox is more than a
-    :class:`CoalescingQueue`.
+    :class:`CoalescingQueue`. Subclasses also set ``_capacity`` (bytes of the largest valid message) and
+    ``_key`` (the HMAC key or None) before the receiver starts.
     """
+
+    _capacity: int
+    _key: bytes | None
 
     def _setup_threads(self, rank: int, world_size: int, coalesce: bool) -> None:
         self.rank = rank
@@ -103,7 +107,7 @@ class PeerThreads(RingShutdown):
         transport is closed. One receive is always posted, into a buffer of ``self._capacity`` bytes (the
         largest valid message); the bytes are untrusted, so what fails to arrive or to decode is counted as
         rejected (``receive_error`` or the wire's reason) and skipped."""
-        buf = torch.empty(self._capacity, dtype=torch.uint8)  # type: ignore[attr-defined]
+        buf = torch.empty(self._capacity, dtype=torch.uint8)
         view = memoryview(buf.numpy())
         while True:
             try:
@@ -115,7 +119,7 @@ class PeerThreads(RingShutdown):
                 self._count_rejected("receive_error")
                 continue
             try:
-                item = decode(view, world_size=self.world_size, key=self._key)  # type: ignore[attr-defined]
+                item = decode(view, world_size=self.world_size, key=self._key)
             except WireError as exc:
                 self._count_rejected(exc.reason)
                 continue
