@@ -89,7 +89,7 @@ def test_three_ranks_exchange_gradients_over_split_planes(tmp_path: Path, keyed:
     assert sum(r["traffic"]["coalesced"] for r in res.values()) > 0
     # hostile headers: counted by reason at rank 1, none anywhere else; no data receive was posted for any
     # of them, or rank 1's receiver would still be waiting and shutdown_ok would be False
-    want = {"shape": 1, "bad_dtype": 1, "unsynced_peer": 1, "inline_payload": 1}
+    want = {"shape": 1, "bad_dtype": 1, "unsynced_peer": 1, "inline_payload": 1, "wrong_sender": 1}
     if keyed:
         want["auth"] = 1
     assert res[1]["rejected"] == want

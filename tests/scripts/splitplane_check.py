@@ -10,10 +10,10 @@ the CUDA stream calls. Phases, each rank at once:
    ``origin * 1000 + id + (j % 7)``, and its clock says ``clock[origin] = id + 1``. Then a FINAL each.
 2. Hostile headers, all to rank 1, after a barrier: from rank 0 a signed-if-keyed detached header with the
    wrong numel (rejected: shape) and afterwards one with the right numel but no payload behind it (rejected:
-   unsynced_peer); from rank 2 a header with the wrong dtype (bad_dtype) and an inline payload
-   (inline_payload); with a key, also one signed with the wrong key (auth). If the receiver posted a data
+   unsynced_peer); from rank 2 a header with the wrong dtype (bad_dtype), an inline payload
+   (inline_payload) and a valid header that claims rank 0 as its sender (wrong_sender); with a key, also one signed with the wrong key (auth). If the receiver posted a data
    receive for any of them it would block for good and phase 3 would not end.
-3. SHUTDOWN ring (expect_shutdown, barrier, shutdown), then one JSON line per rank and os._exit(0).
+3. SHUTDOWN to every peer (expect_shutdown, barrier, shutdown), then one JSON line per rank and os._exit(0).
 
 Also recorded: which data group every data-plane send and receive used (torch.distributed.isend/irecv are
 wrapped, so a transport that mixed up or ignored the up/down split shows here even though Gloo would not
@@ -169,8 +169,17 @@ def main() -> None:
         bad_dtype = Message(Kind.GRADIENT, 2, 2, N, N + 1, torch.zeros(D, dtype=torch.float64))
         raw_header(bad_dtype, 1, control, key, detached=True)
         raw_header(Message(Kind.GRADIENT, 2, 2, N, N + 1, torch.zeros(1)), 1, control, key, detached=False)
+        # A valid header, signed if keyed, that claims to come from rank 0: refused on rank 2's link with no
+        # data receive posted (none follows it, so a posted one would block rank 1's receiver for good).
+        raw_header(Message(Kind.GRADIENT, 0, 0, N + 5, N + 6, torch.zeros(D)), 1, control, key, detached=True)
     else:
-        expected_rejects = {"shape": 1, "unsynced_peer": 1, "bad_dtype": 1, "inline_payload": 1}
+        expected_rejects = {
+            "shape": 1,
+            "unsynced_peer": 1,
+            "bad_dtype": 1,
+            "inline_payload": 1,
+            "wrong_sender": 1,
+        }
         if key is not None:
             expected_rejects["auth"] = 1
         deadline = time.monotonic() + 30
@@ -179,7 +188,7 @@ def main() -> None:
     leaked = len(t.poll())  # nothing hostile may reach the inbox
     dist.barrier(group=coll)
 
-    # Phase 3: SHUTDOWN ring. Everyone expects it before anyone sends it.
+    # Phase 3: SHUTDOWN to every peer. Everyone expects it before anyone sends it.
     t.expect_shutdown()
     dist.barrier(group=coll)
     shutdown_ok = t.shutdown(30)

@@ -41,6 +41,7 @@ def main() -> None:
             bytes(flipped),  # corrupted payload
             b"XXXX" + good[2][4:],  # wrong magic
             encode(Message(Kind.GRADIENT, 5, 5, 0, 1, torch.ones(D))),  # unknown sender (world is 2)
+            encode(Message(Kind.GRADIENT, 1, 1, 0, 1, torch.ones(D))),  # claims rank 1, arrives on 0's link
         ]
         for b in bad:
             raw_send(b)
@@ -58,7 +59,7 @@ def main() -> None:
             got.extend(t.poll())
         dist.barrier(group=coll)
         t.expect_shutdown()
-        t._receiver.join(10)
+        receiver_ended = t.join_receivers(10)
         ids = sorted(i for m in got for i in range(m.lo, m.hi))
         total = float(sum(m.payload.sum().item() for m in got))
         print(
@@ -67,7 +68,7 @@ def main() -> None:
                     "ids": ids,
                     "payload_sum": total,
                     "rejected": dict(t.stats().rejected),
-                    "receiver_ended": not t._receiver.is_alive(),
+                    "receiver_ended": receiver_ended,
                 }
             ),
             flush=True,

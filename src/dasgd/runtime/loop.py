@@ -139,8 +139,11 @@ class WorkerLoop:
             if remaining <= 0:
                 return False
             self.transport.wait(min(0.05, remaining))
+            # Read the dead peers before polling: a receiver marks its peer dead only after putting what the
+            # peer sent in the inbox, so this poll holds all of it and the drain cannot end short of it.
+            dead = set(self.transport.stats().dead_peers)
             send_all(self.transport, w.receive(self.transport.poll()))
-            for peer in self.transport.stats().dead_peers:
+            for peer in dead:
                 w.declare_dead(peer)
         return self.transport.flush(max(0.0, deadline - self.clock.now()))
 

@@ -8,14 +8,13 @@ waits until everything sent has left. Every implementation passes the same confo
 
 from __future__ import annotations
 
-import threading
 from collections import Counter
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
-from dasgd.core.message import Kind, Message
+from dasgd.core.message import Message
 
-__all__ = ["RingShutdown", "Transport", "TransportStats"]
+__all__ = ["Transport", "TransportStats"]
 
 
 @dataclass
@@ -79,40 +78,3 @@ class Transport(Protocol):
     def close(self) -> None:
         """Release threads and connections. Idempotent."""
         ...
-
-
-class RingShutdown:
-    """End-of-run release of a threaded endpoint's receiver, shared by the torch.distributed transports.
-
-    Each worker sends a SHUTDOWN to its ring successor; a receiver accepts it only after
-    :meth:`expect_shutdown`, so no peer can silence a worker before its drain is complete. The endpoint
-    provides ``rank``, ``world_size``, ``send``, ``flush``, ``close``, ``_receiver`` (a thread or None) and
-    ``_shutdown_expected`` (a threading.Event its receiver checks).
-    """
-
-    rank: int
-    world_size: int
-    _receiver: threading.Thread | None
-    _shutdown_expected: threading.Event
-
-    def expect_shutdown(self) -> None:
-        """From now on a SHUTDOWN message ends the receiver (call once the drain is complete everywhere)."""
-        self._shutdown_expected.set()
-
-    def shutdown(self, timeout: float = 30.0) -> bool:
-        """End-of-run: tell the ring successor to stop listening, wait for our own receiver to be told.
-
-        Every worker must call this after the end-of-run collective. Returns False if a thread did not end
-        in time (the caller may still exit: the threads are daemons).
-        """
-        self.expect_shutdown()
-        ok = True
-        if self.world_size > 1:
-            successor = (self.rank + 1) % self.world_size
-            self.send(successor, Message(Kind.SHUTDOWN, self.rank, self.rank))  # type: ignore[attr-defined]
-            ok = self.flush(timeout)  # type: ignore[attr-defined]
-            if self._receiver is not None:
-                self._receiver.join(timeout)
-                ok = ok and not self._receiver.is_alive()
-        self.close()  # type: ignore[attr-defined]
-        return ok

@@ -2,11 +2,13 @@
 
 Every endpoint lives in one Python process and messages are handed over immediately (zero delay), through the
 same coalescing inbox the real transports use. Used by tests (the sequential-SGD oracle), by the simulator's
-zero-latency case, and as the behavioural reference the conformance suite checks other transports against.
+zero-latency case, and as the behavioural reference in the conformance suite (tests/test_transport_conformance.py).
 Thread-safe, so endpoints may also be driven from several threads.
 """
 
 from __future__ import annotations
+
+import threading
 
 from dasgd.core.message import Message
 from dasgd.transport.base import TransportStats
@@ -33,6 +35,9 @@ class InProcessNetwork:
     def _deliver(self, peer: int, msg: Message) -> bool:
         if peer in self._closed:
             return False
+        # Counted as received on arrival, as the wire transports do, so sent and received agree over the world
+        # however the inbox later merges the message.
+        self._endpoints[peer]._count_received(msg)
         self._inboxes[peer].put(msg)
         return True
 
@@ -45,6 +50,7 @@ class InProcessTransport:
         self.rank = rank
         self.world_size = network.world_size
         self._stats = TransportStats()
+        self._lock = threading.Lock()  # peers' threads count their deliveries into our stats
 
     def send(self, peer: int, msg: Message) -> None:
         """Deliver at once into the peer's coalescing inbox."""
@@ -52,18 +58,18 @@ class InProcessTransport:
             raise ValueError(f"worker {self.rank} cannot send to peer {peer} (world size {self.world_size})")
         if self._net._deliver(peer, msg):
             self._stats.sent_messages += 1
-            if msg.payload is not None:
-                self._stats.sent_bytes += msg.payload.numel() * msg.payload.element_size()
+            self._stats.sent_bytes += _payload_bytes(msg)
         else:
             self._stats.dead_peers.add(peer)
             self._stats.undelivered += 1
 
     def poll(self) -> list[Message]:
-        inbox = self._net._inboxes[self.rank]
-        msgs = inbox.drain()
-        self._stats.received_messages += len(msgs)
-        self._stats.coalesced = inbox.stats.coalesced
-        return msgs
+        return self._net._inboxes[self.rank].drain()
+
+    def _count_received(self, msg: Message) -> None:
+        with self._lock:
+            self._stats.received_messages += 1
+            self._stats.received_bytes += _payload_bytes(msg)
 
     def wait(self, timeout: float) -> bool:
         return self._net._inboxes[self.rank].wait_nonempty(timeout)
@@ -72,9 +78,16 @@ class InProcessTransport:
         return True  # delivery is immediate
 
     def stats(self) -> TransportStats:
-        self._stats.coalesced = self._net._inboxes[self.rank].stats.coalesced
-        return self._stats
+        """Counters so far. Bytes are payload bytes (nothing is encoded); ``coalesced`` counts the messages
+        this endpoint's inbox merged into a queued one (there is no outbox: delivery is immediate)."""
+        with self._lock:
+            self._stats.coalesced = self._net._inboxes[self.rank].stats.coalesced
+            return self._stats
 
     def close(self) -> None:
         self._net._closed.add(self.rank)
         self._net._inboxes[self.rank].close()
+
+
+def _payload_bytes(msg: Message) -> int:
+    return 0 if msg.payload is None else msg.payload.numel() * msg.payload.element_size()

@@ -6,13 +6,14 @@ receiver could not know whom to listen to next. The split:
 
 - **Control plane** (a Gloo group, exactly as :class:`~dasgd.transport.torchdist.TorchDistTransport`): every
   message goes as a wire-encoded header (kind, sender, origin, id range, clock, dtype, numel, crc, optional
-  HMAC). One sender thread per peer, fed by a :class:`CoalescingQueue`, and one receiver thread that keeps
-  an ``irecv(src=None)`` posted, validates the untrusted bytes and handles SHUTDOWN the same way. A message
+  HMAC). One sender thread per peer, fed by a :class:`CoalescingQueue`, and one receiver thread per peer
+  that keeps a receive from that peer posted, validates the untrusted bytes (the sender field must name that
+  peer) and handles SHUTDOWN the same way. A message
   with a payload (GRADIENT, MODEL) is encoded with the *detached* flag (:mod:`dasgd.core.wire`, flags bit 1):
   numel and dtype announce the payload, whose bytes are not in the header.
 - **Data plane**: right after a header's send completes, the same sender thread sends the payload tensor
-  itself (``isend``) to the same peer on a data group; the receiver thread, having decoded the header,
-  knows the source, element count and dtype, and posts the matching ``irecv`` into a fresh buffer on the
+  itself (``isend``) to the same peer on a data group; that peer's receiver thread, having decoded the
+  header, knows the element count and dtype, and posts the matching ``irecv`` into a fresh buffer on the
   data device. Per pair both planes are FIFO and each pair's data operations are issued by one thread on
   each side, so the k-th payload received from a peer belongs to the k-th detached header from that peer.
   For CUDA tensors the data groups are NCCL; for CPU tensors Gloo (how the tests run this code on a CPU).
@@ -29,18 +30,22 @@ side by side; every transfer here is posted only once its counterpart is imminen
 Untrusted headers: a detached header must announce exactly the constructor's ``numel`` and ``dtype``;
 otherwise it is rejected and counted (``shape`` / ``bad_dtype``) and NO data receive is posted for it (that
 is what keeps a hostile header from making us allocate or wait). The pair's data plane is then out of step
-(a payload the peer may have sent for that header would be taken for the next header's), so the claimed
-sender is *unsynced* from then on: its later detached headers are rejected (``unsynced_peer``) without a
-receive, while its control messages still count. A well-behaved peer never produces such a header (``send``
-checks numel, dtype and device first), so only a buggy or hostile peer loses its own data this way; without a
-key, though, headers are unauthenticated and anyone can claim any sender, exactly as on the Gloo transport.
+(a payload the peer may have sent for that header would be taken for the next header's), so that peer is
+*unsynced* from then on: its later detached headers are rejected (``unsynced_peer``) without a receive,
+while its control messages still count. A well-behaved peer never produces such a header (``send`` checks
+numel, dtype and device first), so only a buggy or hostile peer loses its own data this way. Each receiver
+listens to one peer, so a header claiming another sender is refused (``wrong_sender``, without a data
+receive): no peer can spend another's data plane, with or without a key. (What such a peer then puts on
+its own data plane can only be taken for its own later payloads, which it controls anyway.)
 A peer that sends a valid header and then never the payload stalls this receiver until the data group's
 timeout (Gloo raises, counted as ``data_receive_error``; NCCL's watchdog aborts the process): use a key.
 
 Rejection reasons beyond :data:`dasgd.core.wire.REJECT_REASONS`: ``receive_error`` (the control receive
-failed, e.g. an oversized message), ``early_shutdown`` (SHUTDOWN before :meth:`expect_shutdown`),
-``inline_payload`` (a payload inside the header: split-plane peers always detach), ``unsynced_peer`` (see
-above) and ``data_receive_error`` (the data receive failed; the sender becomes unsynced).
+``wrong_sender`` (the header names a sender other than the link's peer), ``early_shutdown`` (SHUTDOWN
+before :meth:`expect_shutdown`), ``inline_payload`` (a payload inside the header: split-plane peers always
+detach), ``unsynced_peer`` (see above) and ``data_receive_error`` (the data receive failed; that peer
+becomes unsynced). A failed control receive means the link is gone: that receiver ends and the peer is
+marked dead.
 
 Authentication: with a key, the HMAC covers the header and clock only. Checking GPU payload bytes would need
 a device-to-host copy of every gradient; payload integrity is left to the data fabric (NCCL/Gloo over a
@@ -74,13 +79,17 @@ import torch
 import torch.distributed as dist
 
 from dasgd.core.message import Kind, Message
-from dasgd.core.wire import decode_detached, encode_into, encoded_size
+from dasgd.core.wire import Decoded, decode_detached, encode_into, encoded_size
 from dasgd.transport.queue import CoalescingQueue
 from dasgd.transport.threads import PeerThreads
 
 __all__ = ["SplitPlaneTransport", "SplitPlaneUsageError", "make_data_groups"]
 
 _TAG = 7  # one tag on every group; per-pair order on a tag is what pairs headers with payloads (Gloo)
+
+
+def _sender_of(head: Decoded) -> int:
+    return head.message.sender
 
 
 class SplitPlaneUsageError(ValueError):
@@ -216,8 +225,7 @@ class SplitPlaneTransport(PeerThreads):
         self._payload_bytes = numel * dtype.itemsize
         # CUDA-only: the stream consumers of received tensors work on (see the module docstring).
         self._consumer_stream = torch.cuda.current_stream(self._device) if self._cuda else None
-        self._unsynced: set[int] = set()  # senders whose data plane is out of step with their headers
-        self._start_receiver(f"dasgd-splitrecv-{rank}")
+        self._start_receivers(f"dasgd-splitrecv-{rank}")
 
     # -- Transport protocol ---------------------------------------------------------------------------
     def send(self, peer: int, msg: Message) -> None:
@@ -344,15 +352,10 @@ class SplitPlaneTransport(PeerThreads):
                 tensor.record_stream(self._consumer_stream)
         return tensor
 
-    def _reject(self, reason: str, unsync: int | None = None) -> None:
-        with self._lock:
-            self._stats.rejected[reason] += 1
-            if unsync is not None:
-                self._unsynced.add(unsync)
-
-    def _receive_loop(self) -> None:
+    def _receive_loop(self, peer: int) -> None:
+        unsynced = False  # this peer's data plane is out of step with its headers (see the module docstring)
         with self._side_stream():
-            for head in self._decoded(self._control, _TAG, decode_detached):
+            for head in self._decoded(peer, self._control, _TAG, decode_detached, _sender_of):
                 msg = head.message
                 nbytes = encoded_size(
                     head.numel, head.dtype, 0 if msg.clock is None else len(msg.clock), self._key is not None
@@ -361,33 +364,29 @@ class SplitPlaneTransport(PeerThreads):
                     self._count_received(nbytes)
                     if self._shutdown_expected.is_set():
                         return
-                    self._reject("early_shutdown")
+                    self._count_rejected("early_shutdown")
                     continue
                 if msg.payload is not None:
                     # Split-plane peers always detach payloads; an inline one is foreign or hostile.
-                    self._reject("inline_payload")
+                    self._count_rejected("inline_payload")
                     continue
                 if head.detached:
-                    sender = msg.sender
-                    with self._lock:
-                        unsynced = sender in self._unsynced
                     if unsynced:
-                        self._reject("unsynced_peer")
+                        self._count_rejected("unsynced_peer")
                         continue
                     # Checked before any receive is posted or any memory allocated: a header that lies about
                     # the payload costs us nothing but its sender's data plane.
-                    if head.numel != self._numel:
-                        self._reject("shape", unsync=sender)
-                        continue
-                    if head.dtype != self._dtype:
-                        self._reject("bad_dtype", unsync=sender)
+                    if head.numel != self._numel or head.dtype != self._dtype:
+                        self._count_rejected("shape" if head.numel != self._numel else "bad_dtype")
+                        unsynced = True
                         continue
                     try:
-                        payload = self._receive_payload(sender, head.numel, head.dtype)
+                        payload = self._receive_payload(peer, head.numel, head.dtype)
                     except RuntimeError:
                         if self._closed:
                             return
-                        self._reject("data_receive_error", unsync=sender)
+                        self._count_rejected("data_receive_error")
+                        unsynced = True
                         continue
                     msg = dataclasses.replace(msg, payload=payload)
                 self._count_received(nbytes)

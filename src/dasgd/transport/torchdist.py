@@ -5,18 +5,22 @@ How it never blocks training (see shared ENGINES.md for the measured Gloo behavi
   cannot be polled. So every peer gets its own *sender thread* that blocks in ``wait()``, fed by a bounded
   :class:`CoalescingQueue`: while a peer is slow, newer gradients for it are summed into the queued message
   (keeping its id range), so the training thread only ever does an in-memory add.
-- One *receiver thread* keeps a receive posted at all times (``irecv(src=None)``) into a buffer sized for the
-  largest valid message, decodes and validates the bytes (they are untrusted), and puts accepted messages in
-  a coalescing inbox that the training loop polls.
-- The process-group timeout is set long by the caller; a dead peer shows up as a failed send ("Connection
-  closed by peer"), after which that peer is marked dead and its queue is counted as undelivered.
+- One *receiver thread per peer* keeps a receive from that peer posted at all times into a buffer sized for
+  the largest valid message, decodes and validates the bytes (they are untrusted; the sender field must name
+  that peer), and puts accepted messages in one coalescing inbox that the training loop polls. (A single
+  ``irecv(src=None)`` is not fair under load: see :mod:`dasgd.transport.threads`.)
+- The process-group timeout is set long by the caller; a dead peer shows up as a failed send or receive
+  ("Connection closed by peer"), after which that peer is marked dead and its queue is counted as
+  undelivered.
 - End of run: the runtime calls :meth:`shutdown` once every worker has drained (after its end-of-run
-  collective); each worker sends a SHUTDOWN to its ring successor, which ends that successor's receiver.
+  collective); each worker sends a SHUTDOWN to every live peer, which ends that peer's receiver for us.
   A SHUTDOWN that arrives before :meth:`expect_shutdown` is rejected, so no peer can silence us early.
 Collectives must not run on the same group as these threads: the runtime uses a separate group for them.
 """
 
 from __future__ import annotations
+
+from operator import attrgetter
 
 import torch
 import torch.distributed as dist
@@ -29,6 +33,7 @@ from dasgd.transport.threads import PeerThreads
 __all__ = ["TorchDistTransport"]
 
 _TAG = 7  # one tag for all data-plane traffic; per-pair order is preserved by Gloo
+_sender_of = attrgetter("sender")
 
 
 class TorchDistTransport(PeerThreads):
@@ -62,7 +67,7 @@ class TorchDistTransport(PeerThreads):
         self._group = group
         self._key = key
         self._capacity = encoded_size(numel, dtype, world_size if send_clock else 0, key is not None)
-        self._start_receiver(f"dasgd-recv-{rank}")
+        self._start_receivers(f"dasgd-recv-{rank}")
 
     # -- Transport protocol ---------------------------------------------------------------------------
     def send(self, peer: int, msg: Message) -> None:
@@ -88,8 +93,8 @@ class TorchDistTransport(PeerThreads):
             finally:
                 box.done()
 
-    def _receive_loop(self) -> None:
-        for msg in self._decoded(self._group, _TAG, decode):
+    def _receive_loop(self, peer: int) -> None:
+        for msg in self._decoded(peer, self._group, _TAG, decode, _sender_of):
             self._count_received(
                 encoded_size(
                     0 if msg.payload is None else msg.payload.numel(),
