@@ -8,9 +8,9 @@ receiver could not know whom to listen to next. The split:
   message goes as a wire-encoded header (kind, sender, origin, id range, clock, dtype, numel, crc, optional
   HMAC). One sender thread per peer, fed by a :class:`CoalescingQueue`, and one receiver thread per peer
   that keeps a receive from that peer posted, validates the untrusted bytes (the sender field must name that
-  peer) and handles SHUTDOWN the same way. A message
-  with a payload (GRADIENT, MODEL) is encoded with the *detached* flag (:mod:`dasgd.core.wire`, flags bit 1):
-  numel and dtype announce the payload, whose bytes are not in the header.
+  peer) and handles SHUTDOWN the same way. A message with a payload (GRADIENT, MODEL) is encoded with the
+  *detached* flag (:mod:`dasgd.core.wire`, flags bit 1): numel and dtype announce the payload, whose bytes
+  are not in the header.
 - **Data plane**: right after a header's send completes, the same sender thread sends the payload tensor
   itself (``isend``) to the same peer on a data group; that peer's receiver thread, having decoded the
   header, knows the element count and dtype, and posts the matching ``irecv`` into a fresh buffer on the
@@ -37,11 +37,11 @@ numel, dtype and device first), so only a buggy or hostile peer loses its own da
 listens to one peer, so a header claiming another sender is refused (``wrong_sender``, without a data
 receive): no peer can spend another's data plane, with or without a key. (What such a peer then puts on
 its own data plane can only be taken for its own later payloads, which it controls anyway.)
-A peer that sends a valid header and then never the payload stalls this receiver until the data group's
-timeout (Gloo raises, counted as ``data_receive_error``; NCCL's watchdog aborts the process): use a key.
+A peer that sends a valid header and then never the payload stalls its own receiver here until the data
+group's timeout (Gloo raises, counted as ``data_receive_error``; NCCL's watchdog aborts the process): use a
+key.
 
-Rejection reasons beyond :data:`dasgd.core.wire.REJECT_REASONS`: ``receive_error`` (the control receive
-``wrong_sender`` (the header names a sender other than the link's peer), ``early_shutdown`` (SHUTDOWN
+Rejection reasons beyond :data:`dasgd.core.wire.REJECT_REASONS`: ``wrong_sender`` (the header names a sender other than the link's peer), ``early_shutdown`` (SHUTDOWN
 before :meth:`expect_shutdown`), ``inline_payload`` (a payload inside the header: split-plane peers always
 detach), ``unsynced_peer`` (see above) and ``data_receive_error`` (the data receive failed; that peer
 becomes unsynced). A failed control receive means the link is gone: that receiver ends and the peer is
