@@ -388,3 +388,17 @@ def test_large_run_is_fast() -> None:
     stats = compute_staleness(origin, index, end, clock)
     assert time.perf_counter() - began < 5.0
     assert stats.count == total and int(stats.histogram()[0].sum()) == total
+
+
+@pytest.mark.parametrize("block_entries", [1, 7, 1 << 22])
+def test_keep_clock_rows_moves_the_kept_rows_up_in_place(monkeypatch, block_entries):
+    import dasgd.core.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "_BLOCK_ENTRIES", block_entries)
+    rng = np.random.default_rng(3)
+    table = rng.integers(0, 1000, size=(50, 4)).astype(np.int32)
+    rows = np.flatnonzero(rng.random(50) < 0.6)
+    want = table[rows].copy()  # fancy indexing copies: the truth, taken before the table is changed
+    got = ledger_module.keep_clock_rows(table, rows)
+    assert np.shares_memory(got, table)  # no second table
+    np.testing.assert_array_equal(got, want)

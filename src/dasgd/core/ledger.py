@@ -73,6 +73,7 @@ __all__ = [
     "StalenessLedger",
     "StalenessStats",
     "compute_staleness",
+    "keep_clock_rows",
     "model_staleness",
 ]
 
@@ -331,6 +332,17 @@ def compute_staleness(origin: Any, index: Any, end: Any, clock: Any) -> Stalenes
         order=_frozen(order),
         anomalies=anomalies,
     )
+
+
+def keep_clock_rows(clock: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """Keep only ``rows`` (increasing indices) of a (T, N) clock table, moved up in place; returns the view
+    of the first ``len(rows)`` rows. Works in blocks of :data:`_BLOCK_ENTRIES`, so no second table is made."""
+    step = max(1, _BLOCK_ENTRIES // max(1, clock.shape[1]))
+    for lo in range(0, rows.size, step):
+        # Destinations never pass their sources (rows[i] >= i), so moving blocks in order is safe.
+        part = rows[lo : lo + step]
+        clock[lo : lo + part.size] = clock[part]
+    return clock[: rows.size]
 
 
 def model_staleness(clock_a: np.ndarray, clock_b: np.ndarray) -> int:

@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 
+from dasgd.core.ledger import keep_clock_rows
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.runtime.build import Resolved, build_sampler, build_task, build_worker, resolve
@@ -163,12 +164,7 @@ def _records_of(
     if keep.all():
         return origin, index, start, end, clock
     rows = np.flatnonzero(keep)
-    step = max(1, (1 << 22) // max(1, clock.shape[1]))
-    for lo in range(0, rows.size, step):
-        # Destinations never pass their sources (rows[i] >= i), so moving blocks in order is safe.
-        part = rows[lo : lo + step]
-        clock[lo : lo + part.size] = clock[part]
-    return origin[rows], index[rows], start[rows], end[rows], clock[: rows.size]
+    return origin[rows], index[rows], start[rows], end[rows], keep_clock_rows(clock, rows)
 
 
 def _shard(

@@ -3,8 +3,8 @@
 ===============  =========================================  =============  ==========
 name             workload                                   default lr     batch
 ===============  =========================================  =============  ==========
-quadratic        noisy strongly convex quadratic (float64)  0.5 = 1/(2L)   64
-mnist-logreg     logistic regression on MNIST               0.5            64
+quadratic        noisy strongly convex quadratic (float64)  0.5 / workers  64
+mnist-logreg     logistic regression on MNIST               0.05           64
 digits-logreg    logistic regression on sklearn digits      0.5            64
 fashion-cnn      small CNN on Fashion-MNIST                 0.05           64
 ===============  =========================================  =============  ==========
