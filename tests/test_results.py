@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
+import pytest
 
 from dasgd.core.ledger import compute_staleness
 from dasgd.metrics.shard import WorkerShard
@@ -57,3 +60,43 @@ def test_run_log_merges_shards_in_global_order_with_their_own_rows() -> None:
     assert all(isinstance(e["test_accuracy"], float) for e in log.evals)
     assert [(r["event"], r["worker"]) for r in log.runs[:2]] == [("stop", 0), ("drained", 0)]
     assert log.world_size == 4 and not log.clock.flags.writeable
+
+
+def _summary_of(params: list[np.ndarray], clocks: list[np.ndarray], algorithm: str = "dasgd") -> dict:
+    from dasgd.experiments.spec import resolve_spec
+    from dasgd.runtime.results import summarize
+
+    world = len(params)
+    shards = [
+        dataclasses.replace(s, params=p, final_clock=c, meta={**s.meta, "computed": 30})
+        for s, p, c in zip(_shards(np.random.default_rng(1), world, 30), params, clocks, strict=True)
+    ]
+    spec = resolve_spec({}, task="quadratic", workers=world, algorithm=algorithm)
+    return summarize(spec, shards, {}, 8, 0.1, log=run_log(shards, world))
+
+
+def test_replicas_with_the_same_gradient_set_and_different_parameters_do_not_agree() -> None:
+    """Negative control: equal clocks say nothing about the parameters; the difference must decide."""
+    x = np.linspace(-1.0, 1.0, 50).astype(np.float32)
+    clocks = [np.full(3, 30, dtype=np.int64)] * 3
+    same = _summary_of([x.copy(), x.copy(), x.copy()], clocks)
+    assert same["exactly_once"] is True and same["replicas_agree"] is True
+    assert same["max_replica_diff"] == 0.0
+    off = x.copy()
+    off[7] += 1e-3  # far above float32 rounding over 90 gradients (tolerance ~1e-4 of the scale)
+    differ = _summary_of([x.copy(), off, x.copy()], clocks)
+    assert differ["exactly_once"] is True  # the id sets still match...
+    assert differ["replicas_agree"] is False  # ...but the parameters do not
+    assert differ["max_replica_diff"] == pytest.approx(1e-3, rel=1e-3)
+    # Rounding-sized differences (one float32 ulp) are still agreement.
+    ulp = x.copy()
+    ulp[7] = np.nextafter(ulp[7], np.float32(2))
+    assert _summary_of([x.copy(), ulp, x.copy()], clocks)["replicas_agree"] is True
+
+
+def test_replicas_with_different_gradient_sets_do_not_agree_even_with_equal_parameters() -> None:
+    x = np.zeros(10, dtype=np.float32)
+    clocks = [np.full(3, 30, dtype=np.int64), np.array([30, 29, 30]), np.full(3, 30, dtype=np.int64)]
+    s = _summary_of([x, x.copy(), x.copy()], clocks)
+    assert s["exactly_once"] is False and s["replicas_agree"] is False
+    assert s["gradients_lost"] == 1

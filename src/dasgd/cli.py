@@ -72,6 +72,12 @@ def _add_spec_flags(p: argparse.ArgumentParser) -> None:
         "--secret-env", metavar="VAR", help="env variable holding a shared secret (HMAC-signed messages)"
     )
     p.add_argument("--drain-timeout", type=float, help="seconds allowed for the end-of-run drain")
+    p.add_argument(
+        "--audit",
+        action="store_true",
+        default=None,
+        help="write each replica's audit trail to RUN_DIR/audit/ for an independent check (small runs)",
+    )
     p.add_argument("--run-dir", help="output directory (default runs/<task>-<time>)")
 
 
@@ -95,6 +101,7 @@ _SPEC_KEYS = (
     "device",
     "secret_env",
     "drain_timeout",
+    "audit",
     "run_dir",
 )
 

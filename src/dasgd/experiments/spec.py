@@ -100,6 +100,10 @@ class RunSpec:
     """Name of an environment variable holding a shared secret: messages then carry an HMAC-SHA256 tag."""
     drain_timeout: float = 120.0
     """Seconds the end-of-run drain may take before the run is reported as incomplete."""
+    audit: bool = False
+    """Write each replica's audit trail to RUN_DIR/audit/ (x0, every computed gradient in float64, what each
+    replica applied, its final parameters), so that an independent checker can recompute every replica.
+    Costs 8 bytes per parameter per gradient on disk: meant for tests and audits of small runs."""
     run_dir: str | None = None
     """Where outputs go; None: runs/<task>-<timestamp>."""
     simulation: SimSpec = field(default_factory=SimSpec)
@@ -180,6 +184,10 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
             if not math.isfinite(out):
                 raise ValueError
             return out
+        if kind == "bool":
+            if not isinstance(value, bool):
+                raise ValueError
+            return value
         if kind == "str":
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
@@ -212,6 +220,7 @@ _KINDS = {
     "device": "str",
     "secret_env": "str",
     "drain_timeout": "float",
+    "audit": "bool",
     "run_dir": "str",
 }
 

@@ -97,6 +97,8 @@ def run_process(
         resolved = resolve(spec)
         device = _device(spec)
         worker = build_worker(spec, rank, task, resolved, device=device)
+        if spec.audit:
+            worker.start_audit(run_dir / "audit")
         transport = _make_transport(spec, session, worker, device)
         # The time origin is agreed after every process has built its data and model, so start-up cost
         # (dataset loading) is not counted as training time.
@@ -114,6 +116,8 @@ def run_process(
         )
         evaluator = (lambda: task.evaluate(worker.model, full=False)) if rank == 0 else None
         result = WorkerLoop(worker, transport, clock, ledger, config, evaluator, on_progress).run()
+        if worker.audit is not None:
+            worker.save_audit()
         final_metrics = task.evaluate(worker.model, full=True) if rank == 0 else {}
         if rank == 0:
             # Marked: this one is on the full test set after the drain, the others on a fixed subset.

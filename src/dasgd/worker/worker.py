@@ -36,6 +36,7 @@ from dasgd.algorithms.base import Algorithm
 from dasgd.core.gradset import GradientSet
 from dasgd.core.message import GradientBundle, Kind, Message
 from dasgd.core.topology import Topology
+from dasgd.worker.audit import AuditTrail
 from dasgd.worker.replica import flat_grad, flatten_parameters
 
 __all__ = ["Gradient", "Outgoing", "Worker"]
@@ -121,7 +122,33 @@ class Worker:
         self.stop_requested = False
         self.rejected: Counter[str] = Counter()
         self._completed = False
+        self.audit: AuditTrail | None = None
+        """The replica's audit trail, when :meth:`start_audit` was called (tests and ``--audit`` runs)."""
         algorithm.bind(self)
+
+    def start_audit(self, folder) -> AuditTrail:  # noqa: ANN001 (a pathlib.Path)
+        """Record this replica's history from now on for an independent check (see worker/audit.py)."""
+        if self.computed or self.applied:
+            raise RuntimeError("start the audit before the first gradient, so it sees the whole history")
+        self.audit = AuditTrail(folder, self.rank, self.params)
+        return self.audit
+
+    def save_audit(self) -> None:
+        """Write the audit trail with the final replica and what a checker needs to know of the setup."""
+        if self.audit is None:
+            raise RuntimeError("no audit was started on this worker; call start_audit() first")
+        settings = dataclasses.asdict(self.algorithm.params)
+        self.audit.save(
+            self.params,
+            {
+                "algorithm": self.algorithm.name,
+                "world_size": self.world_size,
+                "lr": self.lr,
+                "grads_per_message": self.grads_per_message,
+                "dead": sorted(self.dead),
+                **settings,
+            },
+        )
 
     # -- state ---------------------------------------------------------------------------------------
     @property
@@ -187,11 +214,23 @@ class Worker:
             msg = self._accept(raw)
             if msg is None:
                 continue
+            audit = self.audit
             if msg.kind == Kind.GRADIENT:
+                if audit is not None:
+                    audit.gradient(msg, self.clock)
                 self._hold(msg.origin, msg.lo, msg.hi)
-                forward.extend(self.algorithm.on_gradient(msg))
+                out = self.algorithm.on_gradient(msg)
+                if audit is not None:
+                    audit.sent(out)
+                forward.extend(out)
             elif msg.kind == Kind.MODEL:
-                forward.extend(self.algorithm.on_model(msg))
+                rejected = sum(self.rejected.values())
+                out = self.algorithm.on_model(msg)
+                if audit is not None:
+                    # A reply is built from the replica before the model is merged: record it first.
+                    audit.sent(out)
+                    audit.model(msg, used=sum(self.rejected.values()) == rejected)
+                forward.extend(out)
                 continue  # models go point to point, never along a broadcast tree
             elif msg.kind == Kind.FINAL:
                 if self._finals[msg.origin] >= 0:
@@ -235,7 +274,12 @@ class Worker:
         index = self.computed
         self.computed += 1
         self.clock[self.rank] = self.computed
-        return self.algorithm.on_own(gradient, index)
+        if self.audit is None:
+            return self.algorithm.on_own(gradient, index)
+        self.audit.own(index, gradient.grad)
+        out = self.algorithm.on_own(gradient, index)
+        self.audit.sent(out)
+        return out
 
     def push_gradient(
         self, index: int, gradient: Gradient, peers: tuple[int, ...] | None = None
@@ -315,6 +359,9 @@ class Worker:
             return self.receive(bundle.expand())
         out: list[Outgoing] = []
         if len(origin):
+            if self.audit is not None:
+                for part in range(len(origin)):
+                    self.audit.bundle_part(int(origin[part]), int(lo[part]), int(hi[part]), self.clock)
             self.clock[o[last]] = hi_s[last]
             payload = bundle.payload
             assert payload is not None
