@@ -171,3 +171,28 @@ def test_sync_that_divides_by_the_wrong_count_is_caught(tmp_path, monkeypatch):
     run_in_process(tmp_path, "sync")
     errors = check_folder(tmp_path, 3).errors
     assert any("its parameters are" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("batched", [True, False])
+def test_simulated_runs_with_latency_and_a_crash_pass_the_oracle(tmp_path, batched):
+    """The simulator drives the same workers (bundled arrivals included): their audit trails pass too."""
+    from dasgd.runtime.simulate import simulate
+
+    spec = resolve_spec(
+        {},
+        simulate=True,
+        task="quadratic",
+        dim=10,
+        workers=5,
+        max_gradients=600,
+        audit=True,
+        simulation={"latency": 0.003, "crashes": ["4@0.02"], "batched": batched},
+    )
+    summary = simulate(spec, tmp_path)
+    report = check_folder(tmp_path / "audit", 5)
+    assert report.errors == [], report
+    assert report.dead == [4] and report.live == [0, 1, 2, 3]
+    assert report.lost == summary["gradients_lost"]
+    # Every live replica applied every live worker's gradients plus what it got of the crashed one's.
+    live_computed = sum(w["computed"] for w in summary["per_worker"])
+    assert all(report.applied[r] >= live_computed for r in report.live)

@@ -103,6 +103,9 @@ def simulate(
     engine, task, resolved = build_simulation(spec, on_progress)
     workers = engine.workers
     sim = spec.simulation
+    if spec.audit:
+        for w in workers:
+            w.start_audit(run_dir / "audit")
     outcome = engine.run()
     if on_progress is not None:
         # Summarising and writing a large run takes a while (15 s for 1,000 workers x 176,000 gradients).
@@ -115,6 +118,9 @@ def simulate(
             }
         )
     live = [r for r in range(spec.workers) if not outcome.crashed[r]]
+    if spec.audit:
+        for r in live:  # a crashed worker leaves only its gradients, as a killed process does
+            workers[r].save_audit()
     evaluator = live[0] if live else 0
     final_metrics = task.evaluate(workers[evaluator].model, full=True) if live else {}
     outcome.evals.append(
