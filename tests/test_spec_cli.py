@@ -98,3 +98,12 @@ def test_bad_yaml_spec_exits_2(tmp_path):
     bad.write_text("workers: [1, 2\n")
     proc = run_cli("train", "--spec", str(bad))
     assert proc.returncode == 2 and "not valid YAML" in proc.stderr
+
+
+def test_audit_is_a_bool_and_a_non_bool_is_refused_with_the_fix() -> None:
+    from dasgd.experiments.spec import SpecError, resolve_spec
+
+    assert resolve_spec({"audit": True}, task="quadratic").audit is True
+    assert resolve_spec({}, task="quadratic").audit is False
+    with pytest.raises(SpecError, match=r"--audit: 1 is not a valid bool: give true or false"):
+        resolve_spec({"audit": 1}, task="quadratic")

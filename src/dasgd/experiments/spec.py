@@ -172,6 +172,10 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
     flag = flag_name(name)
     if value is None:
         return None
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise SpecError(flag, f"{value!r} is not a valid bool: give true or false (YAML), or the bare flag")
+        return value
     try:
         if kind == "int":
             if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
@@ -184,10 +188,6 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
             if not math.isfinite(out):
                 raise ValueError
             return out
-        if kind == "bool":
-            if not isinstance(value, bool):
-                raise ValueError
-            return value
         if kind == "str":
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
