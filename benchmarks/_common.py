@@ -194,16 +194,17 @@ def _tail(path: Path, lines: int = 30) -> str:
 def run_ranks(script: str, args: Sequence[str], world_size: int, timeout: float) -> list[dict[str, Any]]:
     """Run ``python script --child ARGS`` as ``world_size`` torch.distributed ranks on loopback.
 
-    Each rank gets the environment torchrun would give it (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1, a free
-    MASTER_PORT), plus GLOO_SOCKET_IFNAME=lo and OMP_NUM_THREADS=1, and an extra ``--result FILE`` argument
-    where it must write its JSON result. Returns the ranks' results in rank order.
+    Each rank gets the environment torchrun would give it (RANK, WORLD_SIZE, MASTER_ADDR=127.0.0.1 and the
+    MASTER_PORT of a c10d store this process hosts for the ranks' whole life, joined as its clients like
+    torchrun's agent store), plus GLOO_SOCKET_IFNAME=lo and OMP_NUM_THREADS=1, and an extra ``--result FILE``
+    argument where it must write its JSON result. Returns the ranks' results in rank order.
 
     Raises:
         ChildFailed: a rank exited with an error, wrote no result, or ran past ``timeout`` seconds.
     """
-    from dasgd.runtime.launcher import free_port
+    from dasgd.runtime.launcher import host_store, store_env
 
-    port = free_port()
+    store = host_store()  # held until the ranks are done: no port is picked free and bound later
     with tempfile.TemporaryDirectory(prefix="dasgd-bench-") as tmp:
         folder = Path(tmp)
         procs: list[subprocess.Popen[bytes]] = []
@@ -212,12 +213,11 @@ def run_ranks(script: str, args: Sequence[str], world_size: int, timeout: float)
             for rank in range(world_size):
                 env = dict(
                     os.environ,
+                    **store_env(store),
                     RANK=str(rank),
                     LOCAL_RANK=str(rank),
                     WORLD_SIZE=str(world_size),
                     LOCAL_WORLD_SIZE=str(world_size),
-                    MASTER_ADDR="127.0.0.1",
-                    MASTER_PORT=str(port),
                     GLOO_SOCKET_IFNAME="lo",
                     OMP_NUM_THREADS="1",
                 )

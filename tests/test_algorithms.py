@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -15,12 +14,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from oracle import check_run
 
 from dasgd.algorithms import ALGORITHMS, AlgorithmParams, make_algorithm
 from dasgd.algorithms.staleness_policies import receiver_staleness
 from dasgd.core.message import Kind, Message
 from dasgd.experiments.spec import SpecError, resolve_spec
 from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
+from dasgd.runtime.launcher import host_store, store_env
 from dasgd.runtime.loop import send_all
 from dasgd.runtime.simulate import simulate
 from dasgd.transport.inproc import InProcessNetwork
@@ -97,13 +98,10 @@ def test_drains_cleanly_and_reports_its_counts(tmp_path, name, extra):
         assert s["exactly_once"] is True
     if contract == "all":
         assert s["replicas_agree"] is True
-    st = s["staleness"]
-    for key in ("s_avg", "s_max", "loose_avg", "loose_max"):
-        assert st[key] >= 0
-    assert st["s_avg"] <= st["loose_avg"] and st["s_max"] <= st["loose_max"]
     assert all(w["sent_messages"] > 0 for w in per_worker if w["computed"] or name == "ps-asgd")
 
 
+@pytest.mark.multiprocess
 @pytest.mark.parametrize(("name", "extra"), SUITE, ids=NAMES)
 def test_runs_in_real_processes(tmp_path, name, extra):
     import dasgd
@@ -115,11 +113,20 @@ def test_runs_in_real_processes(tmp_path, name, extra):
         max_gradients=1200,
         run_dir=str(tmp_path / name),
         drain_timeout=30,
+        stragglers=["2x3"],  # unequal paces make stale messages, so every algorithm's rule is exercised
+        audit=True,
         **extra,
     )
     assert s["drained"] and s["gradients_lost"] == 0
     assert s["gradients_computed"] >= 1200
     assert s["final_metrics"]["test_accuracy"] > 0.8
+    # The independent oracle: every replica recomputed from the gradients and its own history under the
+    # algorithm's stated rule, ids checked for exactly-once, agreement checked on the parameters themselves.
+    report = check_run(tmp_path / name)
+    assert report.errors == [], report
+    assert report.live == [0, 1, 2]
+    if ALGORITHMS[name].replicas in ("all", "ids"):
+        assert report.applied == {r: s["gradients_computed"] for r in range(3)}
 
 
 # -- oracles ---------------------------------------------------------------------------------------------
@@ -228,22 +235,18 @@ def test_setups_an_algorithm_cannot_use_are_refused_with_a_clear_error():
     assert make_algorithm("gossip", AlgorithmParams(seed=3)).params.seed == 3
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
+@pytest.mark.multiprocess
 def test_sync_matches_pytorch_ddp_parameter_for_parameter(tmp_path):
     """Same seeds, same data order: dasgd's sync and DDP hold the same parameters after N steps."""
     n, steps = 2, 15
     _, _, _, sync = _workers("sync", n)
     _lockstep(sync, steps)
-    port = _free_port()
+    # The c10d store is hosted here on a port the OS picked, held until both ranks exit; they join it as
+    # clients (a port picked free, closed and bound later by rank 0 could be taken in between).
+    store = host_store()
     env = {
         **os.environ,
-        "MASTER_ADDR": "127.0.0.1",
-        "MASTER_PORT": str(port),
+        **store_env(store),
         "WORLD_SIZE": str(n),
         "GLOO_SOCKET_IFNAME": "lo",
         "OMP_NUM_THREADS": "1",

@@ -6,6 +6,7 @@ the code under test.
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 from typing import Any
@@ -20,7 +21,7 @@ from dasgd.metrics.eventlog import (
     write_event_log,
     write_metrics_csv,
 )
-from dasgd.metrics.plots import plot_run
+from dasgd.metrics.plots import plot_run, run_figures
 from dasgd.metrics.report import NA, ReportError, format_summary, format_value, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -251,15 +252,59 @@ def _assert_png(path: Path) -> None:
     assert data[: len(PNG_MAGIC)] == PNG_MAGIC
 
 
+def _png(fig: Any) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
+
+
+def _lines(ax: Any) -> list[tuple[str, list[float], list[float]]]:
+    """(label, x, y) of every line drawn on ``ax``, as plain lists."""
+    return [
+        (line.get_label(), [float(v) for v in line.get_xdata()], [float(v) for v in line.get_ydata()])
+        for line in ax.get_lines()
+    ]
+
+
 def test_plot_run_writes_every_png(tmp_path: Path) -> None:
     path = tmp_path / "events.jsonl"
     _write_schedule(path)
-    out = tmp_path / "plots"
-    written = plot_run(read_event_log(path), out, title="tiny")
+    log = read_event_log(path)
+    figures = run_figures(log, title="tiny")
     names = ["accuracy.png", "loss.png", "staleness.png", "throughput.png"]
+    assert list(figures) == names
+    # Each metric per worker, by time and by gradients held, exactly the evals of _schedule (sorted by time).
+    for name, w0, w1 in (("accuracy.png", [0.5, 0.875], [0.25]), ("loss.png", [0.75, 0.125], [1.5])):
+        by_time, by_grads = figures[name].axes
+        assert _lines(by_time) == [("worker 0", [2.5, 4.5], w0), ("worker 1", [1.25], w1)], name
+        assert _lines(by_grads) == [("worker 0", [3.0, 5.0], w0), ("worker 1", [2.0], w1)], name
+    assert figures["loss.png"].axes[0].get_yscale() == "log"  # every loss > 0
+    assert figures["accuracy.png"].axes[0].get_yscale() == "linear"
+    # Staleness: s_k = [0, 1, 1, 1, 2] and s^_k = [0, 1, 1, 1, 3] by hand (_schedule's docstring), one bar per
+    # integer value, then the average and the maximum as vertical lines.
+    strict, loose = figures["staleness.png"].axes
+    for ax, counts, avg, peak in ((strict, [1, 3, 1], 1.0, 2.0), (loose, [1, 3, 0, 1], 1.2, 3.0)):
+        (bars,) = ax.patches
+        values, edges, _ = bars.get_data()
+        assert values.tolist() == counts
+        assert edges.tolist() == [i - 0.5 for i in range(len(counts) + 1)]
+        (avg_line, peak_line) = ax.get_lines()
+        assert avg_line.get_xdata() == pytest.approx([avg, avg])
+        assert list(peak_line.get_xdata()) == [peak, peak]
+    # Throughput: each worker's gradients by completion time, from (0, 0): w0 ends 1, 2, 4; w1 ends 1.5, 3.
+    (ax,) = figures["throughput.png"].axes
+    assert _lines(ax) == [
+        ("worker 0", [0.0, 1.0, 2.0, 4.0], [0.0, 1.0, 2.0, 3.0]),
+        ("worker 1", [0.0, 1.5, 3.0], [0.0, 1.0, 2.0]),
+    ]
+    assert all(fig.get_suptitle() == "tiny" for fig in figures.values())
+    # plot_run writes exactly these figures (the same pixels as the figures checked above).
+    out = tmp_path / "plots"
+    written = plot_run(log, out, title="tiny")
     assert written == [out / n for n in names]
     for name in names:
         _assert_png(out / name)
+        assert (out / name).read_bytes() == _png(figures[name]), name
 
 
 def test_plot_run_quadratic_loss_only(tmp_path: Path) -> None:
@@ -270,10 +315,18 @@ def test_plot_run_quadratic_loss_only(tmp_path: Path) -> None:
         {"worker": 0, "time": 2.0, "gradients": 3, "loss": 0.5},
     ]
     write_event_log(path, **data)
+    log = read_event_log(path)
+    figures = run_figures(log, time_label="virtual time (s)")
+    assert list(figures) == ["loss.png", "staleness.png", "throughput.png"]
+    by_time, by_grads = figures["loss.png"].axes
+    assert _lines(by_time) == [("worker 0", [1.0, 2.0], [4.0, 0.5])]
+    assert _lines(by_grads) == [("worker 0", [1.0, 3.0], [4.0, 0.5])]
+    assert by_time.get_xlabel() == "virtual time (s)" and by_time.get_ylabel() == "loss"
     out = tmp_path / "plots"
-    written = plot_run(read_event_log(path), out, time_label="virtual time (s)")
+    written = plot_run(log, out, time_label="virtual time (s)")
     assert [p.name for p in written] == ["loss.png", "staleness.png", "throughput.png"]
     _assert_png(out / "loss.png")
+    assert (out / "loss.png").read_bytes() == _png(figures["loss.png"])
     assert not (out / "accuracy.png").exists()
 
 

@@ -15,10 +15,11 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from oracle import check_run
 
 import dasgd
 from dasgd.metrics.eventlog import read_event_log
-from dasgd.runtime.launcher import free_port
+from dasgd.runtime.launcher import host_store
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
 
@@ -83,11 +84,14 @@ def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
             "dasgd",
             "train",
             "--task",
-            "mnist-logreg",
+            "quadratic",
+            "--dim",
+            "20",
             "--workers",
             "3",
             "--max-seconds",
             "8",
+            "--audit",  # small gradients (20 floats), so the audit trail stays a few MB
             "--run-dir",
             str(run_dir),
             "--no-progress",
@@ -120,10 +124,21 @@ def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
     survivors = [w for w in summary["per_worker"] if w["rank"] in (0, 1)]
     assert all(w["computed"] > 100 for w in survivors)
     assert proc.returncode == 1  # the run reports that it is not a clean one
+    # The independent oracle: both survivors recomputed from the gradients (the dead worker's as far as it
+    # wrote them) and their histories; no id applied twice, every survivor's gradient held by both.
+    report = check_run(run_dir)
+    assert report.errors == [], report
+    assert report.live == [0, 1] and report.dead == [2]
+    # Lost: the dead worker's gradients that reached one survivor and not the other, counted here from the
+    # histories and compared with the summary's own count.
+    assert report.lost == summary["gradients_lost"]
 
 
 def test_two_torchrun_nodes_of_two_processes(tmp_path):
-    port = free_port()
+    # The rendezvous store is hosted here, on a port the OS picked and held until both agents are done, and
+    # both agents join it as clients (is_host=0): no agent binds a port that was only free a moment ago.
+    # The agent that becomes node 0 then hosts the workers' store on a port the OS picks (at 127.0.0.1).
+    rdzv_store = host_store()
     run_dir = tmp_path / "run"
     cmd = [
         "torchrun",
@@ -134,7 +149,11 @@ def test_two_torchrun_nodes_of_two_processes(tmp_path):
         "--rdzv-backend",
         "c10d",
         "--rdzv-endpoint",
-        f"127.0.0.1:{port}",
+        f"127.0.0.1:{rdzv_store.port}",
+        "--rdzv-conf",
+        "is_host=0",
+        "--local-addr",
+        "127.0.0.1",
         "--rdzv-id",
         "dasgd-test",
         "-m",
@@ -154,6 +173,7 @@ def test_two_torchrun_nodes_of_two_processes(tmp_path):
         # accuracy 0.956-0.964.
         # What this test checks is the two-node launch, exactly-once delivery and replica agreement.
         *[arg for rank in range(4) for arg in ("--straggler", f"{rank}x3")],
+        "--audit",
         "--run-dir",
         str(run_dir),
     ]
@@ -185,6 +205,9 @@ def test_two_torchrun_nodes_of_two_processes(tmp_path):
     )
     assert s["final_metrics"]["test_accuracy"] >= 0.9, brief
     assert (run_dir / "plots" / "staleness.png").exists()
+    report = check_run(run_dir)  # the independent oracle, on the replicas of both nodes
+    assert report.errors == [], report
+    assert report.applied == {r: s["gradients_computed"] for r in range(4)}
 
 
 def test_example_script_under_torchrun(tmp_path):

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import io
 import math
+import resource
 from pathlib import Path
 
 import numpy as np
@@ -13,6 +15,7 @@ import torch
 from dasgd.algorithms import DASGD
 from dasgd.experiments.spec import resolve_spec
 from dasgd.metrics.eventlog import read_event_log
+from dasgd.metrics.plots import run_figures
 from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
 from dasgd.runtime.results import render_run_dir
 from dasgd.runtime.simulate import build_simulation, compute_model, network_model, simulate
@@ -65,6 +68,16 @@ def test_simulated_run_is_exactly_once_and_drains_to_agreeing_replicas(tmp_path)
     assert sum(w["coalesced"] for w in s["per_worker"]) > 0
     for name in ("events.jsonl", "metrics.csv", "summary.json", "report.md", "plots/staleness.png"):
         assert (tmp_path / "r" / name).exists()
+    # The staleness figure is the one drawn from this run's own event log (tests/test_metrics.py checks what
+    # such a figure shows).
+    figure = run_figures(
+        read_event_log(tmp_path / "r" / "events.jsonl"),
+        time_label="virtual time (s)",
+        title="dasgd on quadratic, 6 workers",
+    )["staleness.png"]
+    png = io.BytesIO()
+    figure.savefig(png, format="png")
+    assert (tmp_path / "r" / "plots" / "staleness.png").read_bytes() == png.getvalue()
 
 
 def test_batched_and_one_by_one_gradients_give_the_same_run():
@@ -241,9 +254,13 @@ def test_bad_simulation_values_name_their_key(bad):
 
 
 def test_path_of_run_dir_is_written(tmp_path: Path):
+    # ru_maxrss (KiB on Linux) only grows: the peak the run reports, in MiB, lies between this process's
+    # peak before the run and after it.
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     s = simulate(quad_spec(workers=2, max_gradients=20), tmp_path / "tiny")
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     assert (tmp_path / "tiny" / "spec.yaml").read_text().count("simulation") == 1
-    assert s["simulation"]["peak_memory_mb"] > 0
+    assert before <= s["simulation"]["peak_memory_mb"] <= after
 
 
 def test_broadcast_log_delivers_exactly_what_per_peer_sends_deliver(monkeypatch):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import json
 import math
 import os
@@ -17,7 +18,9 @@ import yaml
 from dasgd.cli import main
 from dasgd.experiments.spec import SpecError
 from dasgd.experiments.sweep import loss_to_target, parse_sweep, plan_sweep
-from dasgd.metrics.sweep_plots import SWEEP_PLOT_METRICS, sweep_figure
+from dasgd.metrics.eventlog import read_event_log
+from dasgd.metrics.plots import run_figures
+from dasgd.metrics.sweep_plots import SWEEP_PLOT_METRICS, sweep_figure, sweep_figures
 
 # A small, stable quadratic: lr 0.02 keeps lr * L * S_max well below 1 even at 16 workers.
 QUAD = ["--task", "quadratic", "--dim", "5", "--lr", "0.02", "--seed", "1"]
@@ -46,6 +49,7 @@ def read_rows(path: Path) -> list[dict[str, str]]:
         return list(csv.DictReader(fh))
 
 
+@pytest.mark.multiprocess  # runs the CLI in a process of its own
 def test_simulate_end_to_end_through_the_cli(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_cli(
@@ -74,6 +78,14 @@ def test_simulate_end_to_end_through_the_cli(tmp_path):
         "plots/staleness.png",
     ):
         assert (run_dir / name).is_file(), name
+    # The staleness figure is the one drawn from the run's own event log (tests/test_metrics.py checks what
+    # such a figure shows), with the run's title and time unit.
+    figures = run_figures(
+        read_event_log(run_dir / "events.jsonl"),
+        time_label="virtual time (s)",
+        title="dasgd on quadratic, 3 workers",
+    )
+    assert (run_dir / "plots" / "staleness.png").read_bytes() == _png(figures["staleness.png"])
     assert "simulation:" in proc.stdout and "virtual" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["time_unit"] == "virtual"
@@ -155,10 +167,57 @@ def test_a_2x2_sweep_writes_one_row_per_point_a_table_and_a_figure_per_key(sweep
         summary = json.loads((point / "summary.json").read_text())
         assert summary["workers"] == int(row["workers"]) and summary["time_unit"] == "virtual"
         assert int(row["gradients_computed"]) == summary["gradients_computed"]
-    for key in ("workers", "slowdown"):
-        assert (sweep_dir / "plots" / f"sweep_{key}.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (sweep_dir / "sweep.md").read_text()
     assert md.count("[report](points/") == 4 and "sweep_workers.png" in md
+
+
+def _cell(text: str) -> float:
+    return float(text) if text else math.nan  # an empty cell (never reached the target) is a gap
+
+
+def test_the_sweep_figures_draw_the_table(sweep_dir):
+    """Each panel of sweep_<key>.png holds, per value of the other key, the table's column against the key."""
+    table = read_rows(sweep_dir / "sweep.csv")
+    value = {(int(r["workers"]), float(r["slowdown"])): r for r in table}
+    # The rows as the sweep handed them to the figures: numbers, None where the table has an empty cell.
+    rows = [
+        {
+            "workers": int(r["workers"]),
+            "slowdown": float(r["slowdown"]),
+            **{c: (float(r[c]) if r[c] else None) for c, _ in SWEEP_PLOT_METRICS},
+        }
+        for r in table
+    ]
+    figures = sweep_figures(rows, {"workers": [4, 16], "slowdown": [1.0, 3.0]}, title="dasgd on quadratic")
+    assert list(figures) == ["sweep_workers.png", "sweep_slowdown.png"]
+    for name, xs, lines in (
+        (
+            "sweep_workers.png",
+            [4, 16],
+            [("slowdown=1", [(4, 1.0), (16, 1.0)]), ("slowdown=3", [(4, 3.0), (16, 3.0)])],
+        ),
+        (
+            "sweep_slowdown.png",
+            [1.0, 3.0],
+            [("workers=4", [(4, 1.0), (4, 3.0)]), ("workers=16", [(16, 1.0), (16, 3.0)])],
+        ),
+    ):
+        for ax, (column, label) in zip(figures[name].axes, SWEEP_PLOT_METRICS, strict=True):
+            assert ax.get_ylabel() == label
+            drawn = ax.get_lines()
+            assert [line.get_label() for line in drawn] == [want for want, _ in lines], (name, column)
+            for line, (_, points) in zip(drawn, lines):
+                assert list(line.get_xdata()) == xs
+                want = [_cell(value[p][column]) for p in points]
+                np.testing.assert_array_equal(line.get_ydata(), want, err_msg=f"{name} {column}")
+        png = sweep_dir / "plots" / name
+        assert png.read_bytes() == _png(figures[name]), name  # the file is this figure
+
+
+def _png(fig) -> bytes:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    return buf.getvalue()
 
 
 def test_a_slowdown_sweep_without_stragglers_slows_a_quarter_of_the_workers(sweep_dir):

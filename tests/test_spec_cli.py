@@ -46,7 +46,11 @@ def test_bad_values_name_their_flag(overrides, flag):
 
 def test_default_budget_and_straggler_forms():
     spec = resolve_spec({"stragglers": {1: 5}}, task="digits-logreg", workers=2)
-    assert spec.max_gradients is not None
+    # Without a stop rule a run gets its task's default budget (1,500 gradients for digits-logreg); with one,
+    # nothing is added.
+    assert spec.max_gradients == 1500 and spec.max_seconds is None
+    timed = resolve_spec({}, task="digits-logreg", workers=2, max_seconds=3)
+    assert timed.max_gradients is None and timed.max_seconds == 3
     assert spec.slowdown(1) == 5.0 and spec.slowdown(0) == 1.0
     assert resolve_spec({}, stragglers="1x4,0x2").stragglers == ((0, 2.0), (1, 4.0))
 
@@ -60,6 +64,7 @@ def test_spec_round_trips_through_yaml(tmp_path):
     assert resolve_spec(load_spec_file(path)) == spec
 
 
+@pytest.mark.multiprocess  # runs the CLI in a process of its own
 @pytest.mark.parametrize(
     ("args", "needle"),
     [
@@ -79,6 +84,7 @@ def test_cli_bad_input_exits_2_with_a_message_and_no_traceback(args, needle):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.multiprocess  # runs the CLI in a process of its own
 def test_cli_missing_dataset_says_how_to_install(tmp_path):
     proc = run_cli(
         "train",
@@ -93,6 +99,7 @@ def test_cli_missing_dataset_says_how_to_install(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+@pytest.mark.multiprocess  # runs the CLI in a process of its own
 def test_bad_yaml_spec_exits_2(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("workers: [1, 2\n")

@@ -174,7 +174,9 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
         return None
     if kind == "bool":
         if not isinstance(value, bool):
-            raise SpecError(flag, f"{value!r} is not a valid bool: give true or false (YAML), or the bare flag")
+            raise SpecError(
+                flag, f"{value!r} is not a valid bool: give true or false (YAML), or the bare flag"
+            )
         return value
     try:
         if kind == "int":

@@ -31,7 +31,7 @@ from matplotlib.figure import Figure
 
 from dasgd.metrics.eventlog import EventLog, read_event_log
 
-__all__ = ["Curve", "comparison_figure", "curve_of", "pick_metric", "plot_comparison"]
+__all__ = ["Curve", "comparison_figure", "comparison_figures", "curve_of", "pick_metric", "plot_comparison"]
 
 _DPI = 110
 _LABELS = {
@@ -136,6 +136,37 @@ def comparison_figure(
     return fig
 
 
+def comparison_figures(
+    runs: Sequence[tuple[str, str | os.PathLike[str]]],
+    *,
+    time_label: str = "wall time (s)",
+    target_accuracy: float | None = None,
+    target_loss: float | None = None,
+    title: str = "",
+) -> dict[str, Figure]:
+    """The two overlay figures :func:`plot_comparison` writes, by file name (none when no run has a log).
+
+    Arguments as for :func:`plot_comparison`.
+    """
+    logs = [
+        (label, read_event_log(Path(d) / "events.jsonl", clocks=False))  # times and evals only
+        for label, d in runs
+        if (Path(d) / "events.jsonl").is_file()
+    ]
+    if not logs:
+        return {}
+    metric = pick_metric([log for _, log in logs], prefer_loss=target_loss is not None)
+    target = target_accuracy if metric == "test_accuracy" else target_loss
+    curves = [curve_of(log, metric, label) for label, log in logs]
+    short = "accuracy" if metric == "test_accuracy" else "loss"
+    return {
+        f"{short}_vs_{x}.png": comparison_figure(
+            curves, x, metric=metric, x_label=x_label, target=target, title=title
+        )
+        for x, x_label in (("time", time_label), ("gradients", "gradients computed (all workers)"))
+    }
+
+
 def plot_comparison(
     runs: Sequence[tuple[str, str | os.PathLike[str]]],
     out_dir: str | os.PathLike[str],
@@ -156,23 +187,14 @@ def plot_comparison(
         target_loss: drawn as a dashed line; with it the figures show the loss even where accuracy exists.
         title: shown above both figures.
     """
-    logs = [
-        (label, read_event_log(Path(d) / "events.jsonl", clocks=False))  # times and evals only
-        for label, d in runs
-        if (Path(d) / "events.jsonl").is_file()
-    ]
+    figures = comparison_figures(
+        runs, time_label=time_label, target_accuracy=target_accuracy, target_loss=target_loss, title=title
+    )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    if not logs:
-        return []
-    metric = pick_metric([log for _, log in logs], prefer_loss=target_loss is not None)
-    target = target_accuracy if metric == "test_accuracy" else target_loss
-    curves = [curve_of(log, metric, label) for label, log in logs]
-    short = "accuracy" if metric == "test_accuracy" else "loss"
     written = []
-    for x, x_label in (("time", time_label), ("gradients", "gradients computed (all workers)")):
-        fig = comparison_figure(curves, x, metric=metric, x_label=x_label, target=target, title=title)
-        path = out / f"{short}_vs_{x}.png"
+    for name, fig in figures.items():
+        path = out / name
         fig.savefig(path, format="png")
         written.append(path)
     return written

@@ -2,7 +2,8 @@
 
 Figures are built as :class:`matplotlib.figure.Figure` objects on an Agg canvas. ``matplotlib.pyplot`` is never
 imported: it keeps a process-wide registry of open figures and picks a GUI backend, which a library must not
-touch (a CLI user with an interactive session keeps theirs). Files written by :func:`plot_run`:
+touch (a CLI user with an interactive session keeps theirs). :func:`run_figures` builds them (so what a figure
+shows can be read back from it) and :func:`plot_run` writes them. Files written by :func:`plot_run`:
 
 ``accuracy.png``    test accuracy vs time and vs gradients the evaluated replica held (if any eval has it)
 ``loss.png``        ``test_loss`` (else ``loss``, as the quadratic task reports) vs time and vs gradients
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from matplotlib.figure import Figure
 
 from dasgd.metrics.eventlog import EventLog
 
-__all__ = ["PLOT_FILES", "plot_run"]
+__all__ = ["PLOT_FILES", "plot_run", "run_figures"]
 
 PLOT_FILES: tuple[str, ...] = ("accuracy.png", "loss.png", "staleness.png", "throughput.png")
 """Every file :func:`plot_run` may write, in the order it writes them."""
@@ -69,9 +70,9 @@ def _series(log: EventLog, metric: str) -> dict[int, tuple[np.ndarray, np.ndarra
     return out
 
 
-def _plot_metric(
-    log: EventLog, metric: str, label: str, path: Path, time_label: str, title: str, log_y: bool
-) -> Path | None:
+def _metric_figure(
+    log: EventLog, metric: str, label: str, time_label: str, title: str, log_y: bool
+) -> Figure | None:
     series = _series(log, metric)
     if not series:
         return None
@@ -91,7 +92,7 @@ def _plot_metric(
             ax.set_yscale("log")
     if len(series) <= _MAX_LEGEND:
         ax_time.legend(fontsize="small")
-    return _save(fig, path)
+    return fig
 
 
 def _integer_hist(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -105,7 +106,7 @@ def _integer_hist(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return counts, edges
 
 
-def _plot_staleness(log: EventLog, path: Path, title: str) -> Path | None:
+def _staleness_figure(log: EventLog, title: str) -> Figure | None:
     if log.num_gradients == 0:
         return None
     stats = log.staleness()
@@ -124,10 +125,10 @@ def _plot_staleness(log: EventLog, path: Path, title: str) -> Path | None:
         ax.set_ylabel("gradients")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return fig
 
 
-def _plot_throughput(log: EventLog, path: Path, time_label: str, title: str) -> Path | None:
+def _throughput_figure(log: EventLog, time_label: str, title: str) -> Figure | None:
     if log.num_gradients == 0:
         return None
     fig, (ax,) = _new_figure(1, title)
@@ -147,7 +148,37 @@ def _plot_throughput(log: EventLog, path: Path, time_label: str, title: str) -> 
     ax.grid(True, alpha=0.3)
     if workers <= _MAX_LEGEND:
         ax.legend(fontsize="small")
-    return _save(fig, path)
+    return fig
+
+
+def _figures(log: EventLog, time_label: str, title: str) -> Iterator[tuple[str, Figure]]:
+    """(file name, figure) of each figure the log has data for, built one at a time: a caller that saves
+    each before asking for the next never holds two (a throughput figure of 10,000 workers is large)."""
+    metrics = set(log.metric_names())
+    loss_key = "test_loss" if "test_loss" in metrics else "loss"
+    accuracy = _metric_figure(log, "test_accuracy", "test accuracy", time_label, title, False)
+    if accuracy is not None:
+        yield "accuracy.png", accuracy
+    del accuracy  # the caller has saved it
+    loss = _metric_figure(log, loss_key, loss_key.replace("_", " "), time_label, title, True)
+    if loss is not None:
+        yield "loss.png", loss
+    del loss
+    staleness = _staleness_figure(log, title)
+    if staleness is not None:
+        yield "staleness.png", staleness
+    del staleness
+    throughput = _throughput_figure(log, time_label, title)
+    if throughput is not None:
+        yield "throughput.png", throughput
+
+
+def run_figures(log: EventLog, *, time_label: str = "wall time (s)", title: str = "") -> dict[str, Figure]:
+    """The figures :func:`plot_run` would write, by file name, in :data:`PLOT_FILES` order.
+
+    A figure whose data the log lacks is left out (see :func:`plot_run`). Arguments as for :func:`plot_run`.
+    """
+    return dict(_figures(log, time_label, title))
 
 
 def plot_run(
@@ -166,12 +197,4 @@ def plot_run(
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    metrics = set(log.metric_names())
-    loss_key = "test_loss" if "test_loss" in metrics else "loss"
-    written = [
-        _plot_metric(log, "test_accuracy", "test accuracy", out / "accuracy.png", time_label, title, False),
-        _plot_metric(log, loss_key, loss_key.replace("_", " "), out / "loss.png", time_label, title, True),
-        _plot_staleness(log, out / "staleness.png", title),
-        _plot_throughput(log, out / "throughput.png", time_label, title),
-    ]
-    return [p for p in written if p is not None]
+    return [_save(fig, out / name) for name, fig in _figures(log, time_label, title)]

@@ -21,7 +21,7 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-__all__ = ["SWEEP_PLOT_METRICS", "plot_sweep", "sweep_figure"]
+__all__ = ["SWEEP_PLOT_METRICS", "plot_sweep", "sweep_figure", "sweep_figures"]
 
 SWEEP_PLOT_METRICS: tuple[tuple[str, str], ...] = (
     ("s_avg", "$S_{avg}$ (average staleness)"),
@@ -127,6 +127,21 @@ def _is_numeric(values: Sequence[Any]) -> bool:
     return bool(values) and all(_is_number(v) for v in values)
 
 
+def sweep_figures(
+    rows: Sequence[Mapping[str, Any]], axes: Mapping[str, Sequence[Any]], *, title: str = ""
+) -> dict[str, Figure]:
+    """The figures :func:`plot_sweep` writes, by file name (``sweep_<key>.png``; none without rows).
+
+    Arguments as for :func:`plot_sweep`.
+    """
+    if not rows:
+        return {}
+    return {
+        f"sweep_{key}.png": sweep_figure(rows, key, list(values), [k for k in axes if k != key], title=title)
+        for key, values in axes.items()
+    }
+
+
 def plot_sweep(
     rows: Sequence[Mapping[str, Any]],
     axes: Mapping[str, Sequence[Any]],
@@ -145,12 +160,8 @@ def plot_sweep(
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    if not rows:
-        return written
-    for key, values in axes.items():
-        others = [k for k in axes if k != key]
-        fig = sweep_figure(rows, key, list(values), others, title=title)
-        path = out / f"sweep_{key}.png"
+    for name, fig in sweep_figures(rows, axes, title=title).items():
+        path = out / name
         fig.savefig(path, format="png")
         written.append(path)
     return written

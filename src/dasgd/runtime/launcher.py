@@ -4,6 +4,11 @@ Unlike torchrun's agent or mp.spawn, this launcher never kills the survivors whe
 meant to go on without it (DESIGN.md: no barrier, a dead worker never stalls the others). It starts the
 processes with the same environment torchrun would give them, follows their progress files, and collects
 the summary rank 0 writes. Ctrl-C stops every worker it started.
+
+Like torchrun's agent, the launcher hosts the run's c10d store itself and the workers join it as clients
+(``TORCHELASTIC_USE_AGENT_STORE=True``): the store listens on a port the OS picks and the launcher holds it
+for the whole run. Picking a "free" port, closing it and letting rank 0 bind it later was a race: any other
+process could take the port in between (EADDRINUSE, or worse, workers joining a stranger's store).
 """
 
 from __future__ import annotations
@@ -17,22 +22,47 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from torch.distributed import TCPStore
+
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.runtime.results import run_log, summarize, write_run_outputs
 
-__all__ = ["RunFailed", "launch_local", "free_port"]
+__all__ = ["RunFailed", "launch_local", "host_store", "store_env"]
 
 
 class RunFailed(RuntimeError):
     """A worker process failed; the message holds the tail of its log."""
 
 
-def free_port() -> int:
-    """A TCP port on 127.0.0.1 that was free a moment ago."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def host_store() -> TCPStore:
+    """A c10d store served by this process on 127.0.0.1, on a port the OS picked (``store.port``).
+
+    The listening socket is bound here, to loopback only (a TCPStore left to bind by itself listens on every
+    interface), and handed to the store, which serves it from its own thread until it is garbage collected:
+    keep the returned object for as long as any process may still connect to it.
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen()
+        port = int(sock.getsockname()[1])
+        # The store takes the descriptor it is given and closes it when it is collected: hand it a duplicate,
+        # so that this socket object still closes its own (the listening socket lives on in the store's).
+        fd = os.dup(sock.fileno())
+        return TCPStore("127.0.0.1", port, is_master=True, wait_for_workers=False, master_listen_fd=fd)
+
+
+def store_env(store: TCPStore) -> dict[str, str]:
+    """The environment that makes ``init_process_group`` (env://) join ``store`` as a client.
+
+    With ``TORCHELASTIC_USE_AGENT_STORE=True`` (what torchrun's agent sets) no rank hosts a store of its own,
+    so no rank binds a port chosen by somebody else (torch/distributed/rendezvous.py, ``_create_c10d_store``).
+    """
+    return {
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(store.port),
+        "TORCHELASTIC_USE_AGENT_STORE": "True",
+    }
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -68,12 +98,11 @@ def launch_local(
     shard_dir.mkdir(exist_ok=True)
     for old in shard_dir.glob("rank*.npz"):
         old.unlink()
-    port = free_port()
+    store = host_store()  # held until every worker has exited (the function's end)
     base_env = dict(os.environ)
     base_env.update(
         {
-            "MASTER_ADDR": "127.0.0.1",
-            "MASTER_PORT": str(port),
+            **store_env(store),
             "WORLD_SIZE": str(spec.workers),
             "LOCAL_WORLD_SIZE": str(spec.workers),
             "GLOO_SOCKET_IFNAME": "lo",
