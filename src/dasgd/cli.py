@@ -25,111 +25,21 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _add_spec_flags(p: argparse.ArgumentParser) -> None:
+    """``--spec FILE`` and one flag per run setting (generated from RunSpec's fields)."""
+    from dasgd.experiments.settings import add_flags
+    from dasgd.experiments.spec import RunSpec
+
     p.add_argument("--spec", metavar="FILE", help="YAML spec file; flags given here override its values")
-    p.add_argument(
-        "--task", help="quadratic | digits-logreg | mnist-logreg | fashion-cnn (default mnist-logreg)"
-    )
-    p.add_argument("--workers", type=int, help="number of workers (default 4)")
-    p.add_argument(
-        "--algorithm",
-        help="dasgd (default) | sync | ps-asgd | local-sgd | gossip | dasgd-cap | dasgd-damped (docs/algorithms.md)",
-    )
-    p.add_argument("--topology", help="complete | ring | torus | torus:RxC | random-regular:D | edges:PATH")
-    p.add_argument(
-        "--lr", type=float, help="fixed stepsize (default: the task's; the quadratic's is 0.5 / workers)"
-    )
-    p.add_argument("--batch-size", type=int, help="mini-batch size per gradient (default: the task's)")
-    p.add_argument("--seed", type=int, help="run seed (default 0)")
-    p.add_argument("--data", help="shared (homogeneous, default) | shards (disjoint, outside the theory)")
-    p.add_argument("--max-gradients", type=int, help="stop after T gradients in total")
-    p.add_argument("--max-seconds", type=float, help="stop after this many seconds of training")
-    p.add_argument("--target-accuracy", type=float, help="stop once worker 0's replica reaches it, e.g. 0.9")
-    p.add_argument(
-        "--eval-every",
-        type=float,
-        help="seconds between evaluations (default: 0.5 s real, 5 mean step times simulated)",
-    )
-    p.add_argument(
-        "--straggler",
-        action="append",
-        metavar="RANKxFACTOR",
-        help="make a worker slower, e.g. 1x5 (repeatable)",
-    )
-    p.add_argument("--grads-per-message", type=int, help="own gradients summed per message, B (default 1)")
-    p.add_argument("--local-steps", type=int, metavar="H", help="local-sgd: local steps between averages (8)")
-    p.add_argument(
-        "--staleness-bound",
-        type=int,
-        metavar="S",
-        help="dasgd-cap: largest staleness applied in full; dasgd-damped: staleness that halves the step",
-    )
-    p.add_argument("--cap-scale", type=float, help="dasgd-cap: factor for staler gradients (0 drops them)")
-    p.add_argument("--dim", type=int, help="quadratic: dimension")
-    p.add_argument("--noise", type=float, help="quadratic: gradient noise sigma")
-    p.add_argument("--condition", type=float, help="quadratic: condition number L/mu")
-    p.add_argument("--device", help="cpu (default, Gloo) | cuda (one GPU per worker, NCCL payloads)")
-    p.add_argument(
-        "--secret-env", metavar="VAR", help="env variable holding a shared secret (HMAC-signed messages)"
-    )
-    p.add_argument("--drain-timeout", type=float, help="seconds allowed for the end-of-run drain")
-    p.add_argument(
-        "--audit",
-        action="store_true",
-        default=None,
-        help="write each replica's audit trail to RUN_DIR/audit/ for an independent check (small runs)",
-    )
-    p.add_argument("--run-dir", help="output directory (default runs/<task>-<time>)")
-
-
-_SPEC_KEYS = (
-    "task",
-    "workers",
-    "algorithm",
-    "topology",
-    "lr",
-    "batch_size",
-    "seed",
-    "data",
-    "max_gradients",
-    "max_seconds",
-    "target_accuracy",
-    "eval_every",
-    "grads_per_message",
-    "dim",
-    "noise",
-    "condition",
-    "device",
-    "secret_env",
-    "drain_timeout",
-    "audit",
-    "run_dir",
-)
+    add_flags(p, RunSpec)
 
 
 def _add_simulation_flags(p: argparse.ArgumentParser) -> None:
+    """The simulation settings (generated from SimSpec's fields) and the options of a simulation command."""
+    from dasgd.experiments.settings import add_flags
+    from dasgd.experiments.simspec import SimSpec
+
     g = p.add_argument_group("simulation (virtual seconds; see docs/simulator.md)")
-    g.add_argument("--compute", help="compute-time model: constant (default) | lognormal | trace")
-    g.add_argument("--compute-time", type=float, metavar="S", help="mean seconds per gradient (default 0.01)")
-    g.add_argument("--compute-sigma", type=float, metavar="X", help="lognormal: spread of log step time")
-    g.add_argument("--trace", metavar="FILE", help="trace: a run's events.jsonl or one duration per line")
-    g.add_argument("--straggler-share", type=float, metavar="F", help="share of workers that are stragglers")
-    g.add_argument("--slowdown", type=float, metavar="F", help="the stragglers' slowdown factor (>= 1)")
-    g.add_argument("--latency", type=float, metavar="S", help="mean one-way message latency (default 0.001)")
-    g.add_argument("--latency-sigma", type=float, metavar="X", help="log-normal spread of the latency")
-    g.add_argument("--bandwidth", type=float, metavar="BYTES_PER_S", help="per link (default unlimited)")
-    g.add_argument("--loss", type=float, metavar="P", help="probability that one transmission is lost")
-    g.add_argument("--loss-mode", help="retransmit (default: delayed, nothing lost) | count (gone, counted)")
-    g.add_argument(
-        "--retransmit-after", type=float, metavar="S", help="retransmission timeout (default 0.01)"
-    )
-    g.add_argument(
-        "--crash", action="append", metavar="W@T", help="worker W crashes at T, e.g. 3@1.5 (repeatable)"
-    )
-    g.add_argument("--crash-rate", type=float, metavar="R", help="crashes per worker per second")
-    g.add_argument(
-        "--link-down", action="append", metavar="A-B@S-E", help="link A-B down from S to E (repeatable)"
-    )
-    g.add_argument("--no-batched", action="store_true", help="compute gradients one by one (same results)")
+    add_flags(g, SimSpec)
     g.add_argument(
         "--calibrate",
         metavar="RUN_DIR",
@@ -147,23 +57,6 @@ def _add_simulation_flags(p: argparse.ArgumentParser) -> None:
         metavar="X",
         help="report gradients and virtual time until the evaluated loss first reaches X (not a stop rule)",
     )
-
-
-_SIM_FLAGS = (
-    "compute",
-    "compute_time",
-    "compute_sigma",
-    "trace",
-    "straggler_share",
-    "slowdown",
-    "latency",
-    "latency_sigma",
-    "bandwidth",
-    "loss",
-    "loss_mode",
-    "retransmit_after",
-    "crash_rate",
-)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,10 +95,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    overrides = {k: getattr(args, k) for k in _SPEC_KEYS}
-    if args.straggler:
-        overrides["stragglers"] = list(args.straggler)
-    return overrides
+    """The run settings given as flags (None where not given)."""
+    from dasgd.experiments.settings import values_from_args
+    from dasgd.experiments.spec import RunSpec
+
+    return values_from_args(args, RunSpec)
 
 
 def _spec_from_args(args: argparse.Namespace) -> Any:
@@ -217,11 +111,10 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
 
 def _simulation_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """The simulation flags as a mapping merged over the spec file's simulation section."""
-    sim = {k: getattr(args, k) for k in _SIM_FLAGS}
-    sim["crashes"] = list(args.crash) if args.crash else None
-    sim["link_down"] = list(args.link_down) if args.link_down else None
-    sim["batched"] = False if args.no_batched else None
-    return sim
+    from dasgd.experiments.settings import values_from_args
+    from dasgd.experiments.simspec import SimSpec
+
+    return values_from_args(args, SimSpec)
 
 
 def _simulation_values(args: argparse.Namespace) -> dict[str, Any]:

@@ -85,7 +85,9 @@ def _spec_path(args: argparse.Namespace) -> str | None:
 
 def _check_flags(args: argparse.Namespace) -> None:
     """Flags of `train`/`simulate` that mean something else, or nothing, in a comparison."""
-    from dasgd.experiments.spec import SpecError, flag_name
+    from dasgd.experiments.settings import flag_of
+    from dasgd.experiments.simspec import SimSpec
+    from dasgd.experiments.spec import SpecError
 
     if args.algorithm is not None:
         raise SpecError(
@@ -103,7 +105,7 @@ def _check_flags(args: argparse.Namespace) -> None:
             given.insert(0, "calibrate")
         if given:
             raise SpecError(
-                flag_name(given[0]),
+                "--calibrate" if given[0] == "calibrate" else flag_of(SimSpec, given[0]),
                 "is a simulation flag; add --simulate to compare in the simulator, or drop it",
             )
 

@@ -12,6 +12,8 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
+from dasgd.experiments.settings import setting
+
 __all__ = ["SimSpec", "resolve_sim_spec", "parse_crash", "parse_link_down", "parse_link"]
 
 COMPUTE_KINDS = ("constant", "lognormal", "trace")
@@ -28,38 +30,32 @@ def _error(key: str, message: str) -> Exception:
 class SimSpec:
     """How simulated workers compute and communicate."""
 
-    compute: str = "constant"
+    compute: str = setting("constant", "compute-time model: constant | lognormal | trace")
     """constant | lognormal | trace."""
-    compute_time: float = 0.01
-    """Mean seconds per gradient."""
-    compute_sigma: float = 0.5
-    """lognormal: spread of log step time."""
-    trace: str | None = None
+    compute_time: float = setting(0.01, "mean seconds per gradient", metavar="S")
+    compute_sigma: float = setting(0.5, "lognormal: spread of log step time", metavar="X")
+    trace: str | None = setting(None, "trace: a run's events.jsonl or one duration per line", metavar="FILE")
     """trace: a run's events.jsonl (per-worker step times) or a file of durations, one per line."""
-    straggler_share: float = 0.0
+    straggler_share: float = setting(0.0, "share of workers that are stragglers", metavar="F")
     """Share of workers that are stragglers (chosen by the seed), besides the spec's named stragglers."""
-    slowdown: float = 1.0
-    """The stragglers' slowdown factor."""
-    latency: float = 0.001
-    """Mean one-way message latency (seconds)."""
-    latency_sigma: float = 0.0
-    """Log-normal spread of the latency (0: constant)."""
-    bandwidth: float = math.inf
-    """Bytes per second per link (inf: unlimited)."""
-    links: tuple[tuple[int, int, float, float], ...] = ()
-    """Per-link overrides (src, dst, latency, bandwidth)."""
-    loss: float = 0.0
-    """Probability that one transmission is lost."""
-    loss_mode: str = "retransmit"
-    """retransmit (delayed, nothing lost) | count (gone; its gradients count as lost)."""
-    retransmit_after: float = 0.01
-    crashes: tuple[tuple[int, float], ...] = ()
-    """(worker, time) crashes."""
-    crash_rate: float = 0.0
-    """Crashes per worker per second (exponential)."""
-    link_down: tuple[tuple[int, int, float, float], ...] = ()
+    slowdown: float = setting(1.0, "the stragglers' slowdown factor (>= 1)", metavar="F")
+    latency: float = setting(0.001, "mean one-way message latency", metavar="S")
+    latency_sigma: float = setting(0.0, "log-normal spread of the latency (0: constant)", metavar="X")
+    bandwidth: float = setting(math.inf, "bytes per second per link (inf: unlimited)", metavar="BYTES_PER_S")
+    links: tuple[tuple[int, int, float, float], ...] = setting((), cli=False)
+    """Per-link overrides (src, dst, latency, bandwidth): spec files only."""
+    loss: float = setting(0.0, "probability that one transmission is lost", metavar="P")
+    loss_mode: str = setting("retransmit", "retransmit (delayed, nothing lost) | count (gone, counted)")
+    retransmit_after: float = setting(0.01, "retransmission timeout", metavar="S")
+    crashes: tuple[tuple[int, float], ...] = setting(
+        (), "worker W crashes at T, e.g. 3@1.5 (repeatable)", flag="--crash", metavar="W@T", repeat=True
+    )
+    crash_rate: float = setting(0.0, "crashes per worker per second", metavar="R")
+    link_down: tuple[tuple[int, int, float, float], ...] = setting(
+        (), "link A-B down from S to E (repeatable)", metavar="A-B@S-E", repeat=True
+    )
     """(a, b, start, end): link a-b down in [start, end)."""
-    batched: bool = True
+    batched: bool = setting(True, "compute gradients one by one (same results)")
     """Compute many workers' gradients in one vectorised call (same results up to rounding)."""
 
     def to_dict(self) -> dict[str, Any]:

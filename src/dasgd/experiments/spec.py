@@ -10,12 +10,13 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any
 
 import yaml
 
+from dasgd.experiments.settings import kind_of, setting
 from dasgd.experiments.simspec import SimSpec, resolve_sim_spec
 
 __all__ = ["RunSpec", "SpecError", "load_spec_file", "resolve_spec", "parse_straggler", "flag_name"]
@@ -44,29 +45,29 @@ def flag_name(key: str) -> str:
 class RunSpec:
     """Everything that defines a run. Same spec and seed: same data order, same initial model."""
 
-    task: str = "mnist-logreg"
+    task: str = setting("mnist-logreg", "quadratic | digits-logreg | mnist-logreg | fashion-cnn")
     """Workload: quadratic, digits-logreg, mnist-logreg, fashion-cnn."""
-    workers: int = 4
-    """Number of worker processes (one replica each)."""
-    algorithm: str = "dasgd"
+    workers: int = setting(4, "number of workers (one replica each)")
+    algorithm: str = setting(
+        "dasgd", "dasgd | sync | ps-asgd | local-sgd | gossip | dasgd-cap | dasgd-damped (docs/algorithms.md)"
+    )
     """dasgd | sync | ps-asgd | local-sgd | gossip | dasgd-cap | dasgd-damped (dasgd.algorithms)."""
-    topology: str = "complete"
-    """complete | ring | torus | torus:RxC | random-regular:D | edges:PATH."""
-    lr: float | None = None
+    topology: str = setting("complete", "complete | ring | torus | torus:RxC | random-regular:D | edges:PATH")
+    lr: float | None = setting(None, "fixed stepsize (default: the task's; the quadratic's is 0.5 / workers)")
     """Fixed stepsize eta; None takes the task's default."""
-    batch_size: int | None = None
+    batch_size: int | None = setting(None, "mini-batch size per gradient (default: the task's)")
     """Mini-batch size of one gradient; None takes the task's default."""
-    seed: int = 0
-    data: str = "shared"
+    seed: int = setting(0, "run seed: same spec and seed, same data order and initial model")
+    data: str = setting("shared", "shared (homogeneous) | shards (disjoint, outside the theory)")
     """shared: every worker samples the whole training set (homogeneous, the theory's setting);
     shards: disjoint shards (heterogeneous, outside the theory)."""
-    max_gradients: int | None = None
+    max_gradients: int | None = setting(None, "stop after T gradients in total", metavar="T")
     """Stop once the replicas hold this many gradients in total (T of the paper)."""
-    max_seconds: float | None = None
-    """Stop after this many seconds of training."""
-    target_accuracy: float | None = None
-    """Stop once the evaluated replica reaches this test accuracy."""
-    eval_every: float | None = None
+    max_seconds: float | None = setting(None, "stop after this many seconds of training", metavar="S")
+    target_accuracy: float | None = setting(None, "stop once worker 0's replica reaches it, e.g. 0.9")
+    eval_every: float | None = setting(
+        None, "seconds between evaluations (default: 0.5 s real, 5 mean step times simulated)", metavar="S"
+    )
     """Seconds between evaluations of worker 0's replica; None: 0.5 s in real runs, and in a simulation
     five mean step times of virtual time (a simulated run lasts only a few virtual seconds)."""
 
@@ -76,39 +77,43 @@ class RunSpec:
             return self.eval_every
         return 5.0 * self.simulation.compute_time if simulated else 0.5
 
-    stragglers: tuple[tuple[int, float], ...] = ()
+    stragglers: tuple[tuple[int, float], ...] = setting(
+        (),
+        "make a worker slower, e.g. 1x5 (repeatable)",
+        flag="--straggler",
+        metavar="RANKxFACTOR",
+        repeat=True,
+    )
     """(rank, slowdown) pairs: that worker's steps take `slowdown` times as long (emulated by waiting)."""
-    grads_per_message: int = 1
-    """TensAIR's B: own gradients summed into one message."""
-    local_steps: int = 8
-    """local-sgd: local steps H between model averages."""
-    staleness_bound: int | None = None
-    """dasgd-cap: largest staleness applied in full; dasgd-damped: staleness at which the stepsize halves.
-    None: twice the number of workers."""
-    cap_scale: float = 0.0
-    """dasgd-cap: factor for gradients staler than the bound (0: dropped)."""
-    dim: int = 100
-    """quadratic: dimension."""
-    noise: float = 1.0
-    """quadratic: gradient noise sigma (E||xi||^2 = sigma^2 at batch size 1)."""
-    condition: float = 10.0
-    """quadratic: condition number L/mu."""
-    device: str = "cpu"
+    grads_per_message: int = setting(1, "own gradients summed per message, B (TensAIR's option)", metavar="B")
+    local_steps: int = setting(8, "local-sgd: local steps H between model averages", metavar="H")
+    staleness_bound: int | None = setting(
+        None,
+        "dasgd-cap: largest staleness applied in full; dasgd-damped: staleness that halves the step "
+        "(default: twice the workers)",
+        metavar="S",
+    )
+    cap_scale: float = setting(0.0, "dasgd-cap: factor for staler gradients (0 drops them)")
+    dim: int = setting(100, "quadratic: dimension")
+    noise: float = setting(1.0, "quadratic: gradient noise sigma (E||xi||^2 = sigma^2 at batch size 1)")
+    condition: float = setting(10.0, "quadratic: condition number L/mu")
+    device: str = setting("cpu", "cpu (Gloo) | cuda (one GPU per worker, NCCL payloads)")
     """cpu: replicas on the CPU, everything over Gloo. cuda: one GPU per worker (by local rank); message
     headers over Gloo, gradient payloads over NCCL (the split-plane transport). Not tested without a GPU."""
-    secret_env: str | None = None
-    """Name of an environment variable holding a shared secret: messages then carry an HMAC-SHA256 tag."""
-    drain_timeout: float = 120.0
-    """Seconds the end-of-run drain may take before the run is reported as incomplete."""
-    audit: bool = False
+    secret_env: str | None = setting(
+        None, "env variable holding a shared secret (HMAC-signed messages)", metavar="VAR"
+    )
+    drain_timeout: float = setting(120.0, "seconds allowed for the end-of-run drain")
+    audit: bool = setting(
+        False, "write each replica's audit trail to RUN_DIR/audit/ for an independent check (small runs)"
+    )
     """Write each replica's audit trail to RUN_DIR/audit/ (x0, every computed gradient in float64, what each
     replica applied, its final parameters), so that an independent checker can recompute every replica.
     Costs 8 bytes per parameter per gradient on disk: meant for tests and audits of small runs."""
-    run_dir: str | None = None
-    """Where outputs go; None: runs/<task>-<timestamp>."""
-    simulation: SimSpec = field(default_factory=SimSpec)
+    run_dir: str | None = setting(None, "output directory (default runs/<task>-<time>)")
+    simulation: SimSpec = setting(default_factory=SimSpec, cli=False)
     """How `dasgd simulate` models compute, network and failures (ignored by real runs)."""
-    notes: dict[str, Any] = field(default_factory=dict, compare=False)
+    notes: dict[str, Any] = setting(default_factory=dict, cli=False, compare=False)
     """Free-form labels copied into the summary (not validated)."""
 
     def slowdown(self, rank: int) -> float:
@@ -199,34 +204,6 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
     raise AssertionError(kind)
 
 
-_KINDS = {
-    "task": "str",
-    "workers": "int",
-    "algorithm": "str",
-    "topology": "str",
-    "lr": "float",
-    "batch_size": "int",
-    "seed": "int",
-    "data": "str",
-    "max_gradients": "int",
-    "max_seconds": "float",
-    "target_accuracy": "float",
-    "eval_every": "float",
-    "grads_per_message": "int",
-    "local_steps": "int",
-    "staleness_bound": "int",
-    "cap_scale": "float",
-    "dim": "int",
-    "noise": "float",
-    "condition": "float",
-    "device": "str",
-    "secret_env": "str",
-    "drain_timeout": "float",
-    "audit": "bool",
-    "run_dir": "str",
-}
-
-
 def resolve_spec(
     values: dict[str, Any] | None = None, *, simulate: bool = False, **overrides: Any
 ) -> RunSpec:
@@ -258,7 +235,7 @@ def resolve_spec(
                 raise SpecError("notes", "must be a mapping")
             kw[name] = dict(value)
         else:
-            kw[name] = _coerce(name, value, _KINDS[name])
+            kw[name] = _coerce(name, value, kind_of(RunSpec, name))
     kw["simulation"] = resolve_sim_spec(sim_values, int(kw.get("workers", RunSpec.workers)))
     spec = RunSpec(**kw)
     _check(spec, TASK_NAMES, tuple(ALGORITHMS), simulate)
