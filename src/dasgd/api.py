@@ -1,0 +1,32 @@
+"""The library's entry point for a run on this machine: :func:`train` (re-exported as ``dasgd.train``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from dasgd.experiments.spec import RunSpec, resolve_spec
+
+__all__ = ["train"]
+
+
+def train(spec: RunSpec | dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
+    """Train with real worker processes on this machine; return the run summary (as summary.json).
+
+    ``spec`` is a RunSpec, a dict of spec keys, or None; keyword arguments override it, e.g.
+    ``dasgd.train(task="digits-logreg", workers=2, max_gradients=500)``. Raises SpecError for bad values.
+    """
+    import dataclasses
+    import datetime
+
+    from dasgd.runtime.launcher import launch_local
+
+    values = dataclasses.asdict(spec) if isinstance(spec, RunSpec) else dict(spec or {})
+    resolved = resolve_spec(values, **overrides)
+    run_dir = (
+        Path(resolved.run_dir)
+        if resolved.run_dir
+        else (Path("runs") / f"{resolved.task}-{datetime.datetime.now():%Y%m%d-%H%M%S-%f}")
+    )
+    resolved = dataclasses.replace(resolved, run_dir=str(run_dir))
+    return launch_local(resolved, run_dir)
