@@ -11,6 +11,7 @@ from dasgd.algorithms import AlgorithmError, AlgorithmParams, make_algorithm
 from dasgd.core.topology import Topology, parse_topology
 from dasgd.experiments.spec import RunSpec, SpecError
 from dasgd.tasks import BatchSampler, Task, default_batch_size, default_lr, make_task
+from dasgd.worker.protocol import StopPolicy
 from dasgd.worker.worker import Worker
 
 __all__ = [
@@ -22,6 +23,7 @@ __all__ = [
     "resolve",
     "secret_key",
     "sampler_seed",
+    "stop_policy",
 ]
 
 
@@ -41,6 +43,18 @@ def build_task(spec: RunSpec) -> Task:
             "quadratic", dim=spec.dim, noise=spec.noise, condition=spec.condition, seed=spec.seed
         )
     return make_task(spec.task)
+
+
+def stop_policy(spec: RunSpec, task: Task, simulated: bool) -> StopPolicy:
+    """The spec's stop rules, evaluation cadence and drain timeout (the same for real and simulated runs)."""
+    return StopPolicy(
+        max_gradients=spec.max_gradients,
+        max_seconds=spec.max_seconds,
+        target_accuracy=spec.target_accuracy,
+        accuracy_metric=task.accuracy_metric,
+        eval_every=spec.evaluation_interval(simulated=simulated),
+        drain_timeout=spec.drain_timeout,
+    )
 
 
 def resolve(spec: RunSpec) -> Resolved:

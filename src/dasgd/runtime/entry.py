@@ -21,9 +21,9 @@ import torch
 from dasgd.core.ledger import StalenessLedger
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
-from dasgd.runtime.build import build_task, build_worker, resolve, secret_key
+from dasgd.runtime.build import build_task, build_worker, resolve, secret_key, stop_policy
 from dasgd.runtime.clock import WallClock
-from dasgd.runtime.loop import LoopConfig, WorkerLoop
+from dasgd.runtime.loop import WorkerLoop
 from dasgd.runtime.results import run_log, summarize, worker_shard, write_run_outputs
 from dasgd.runtime.session import DistributedSession
 from dasgd.transport.torchdist import TorchDistTransport
@@ -105,17 +105,12 @@ def run_process(
         session.barrier()  # every worker starts training together (a root's broadcast need not wait)
         clock = WallClock(session.shared_origin(time.time()))
         ledger = StalenessLedger(spec.workers)
-        config = LoopConfig(
-            max_gradients=spec.max_gradients,
-            max_seconds=spec.max_seconds,
-            target_accuracy=spec.target_accuracy,
-            accuracy_metric=task.accuracy_metric,
-            eval_every=spec.evaluation_interval(simulated=False),
-            slowdown=spec.slowdown(rank),
-            drain_timeout=spec.drain_timeout,
-        )
         evaluator = (lambda: task.evaluate(worker.model, full=False)) if rank == 0 else None
-        result = WorkerLoop(worker, transport, clock, ledger, config, evaluator, on_progress).run()
+        policy = stop_policy(spec, task, simulated=False)
+        loop = WorkerLoop(
+            worker, transport, clock, ledger, policy, evaluator, on_progress, slowdown=spec.slowdown(rank)
+        )
+        result = loop.run()
         if worker.audit is not None:
             worker.save_audit()
         final_metrics = task.evaluate(worker.model, full=True) if rank == 0 else {}

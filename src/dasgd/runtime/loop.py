@@ -1,7 +1,8 @@
-"""The one real-time training loop: drives a Worker over a Transport until a stop rule fires, then drains.
+"""The real-time driver of the worker protocol: wall clock, blocking transport waits, straggler emulation.
 
-Policy lives here, mechanism in the Worker (STYLE.md, 4): when to stop, when to evaluate, how a straggler
-is emulated, when progress is reported. Every algorithm runs through this loop.
+The protocol (worker/protocol.py) decides everything a worker does: when it stops, when it computes or
+waits, how it drains. This loop only carries its actions out in real (or any injected) time, evaluates the
+replica when the protocol says it is due, emulates a straggler, and reports progress.
 """
 
 from __future__ import annotations
@@ -12,27 +13,10 @@ from dataclasses import dataclass, field
 from dasgd.core.ledger import StalenessLedger
 from dasgd.runtime.clock import Clock
 from dasgd.transport.base import Transport
-from dasgd.worker.rules import stop_reason
+from dasgd.worker.protocol import Compute, Finished, Phase, StopPolicy, WorkerProtocol
 from dasgd.worker.worker import Outgoing, Worker
 
-__all__ = ["LoopConfig", "LoopResult", "WorkerLoop", "send_all"]
-
-
-@dataclass(frozen=True)
-class LoopConfig:
-    """The loop's policy, in plain values."""
-
-    max_gradients: int | None = None
-    """Stop once the replica holds this many gradients (its view of the run's total T)."""
-    max_seconds: float | None = None
-    target_accuracy: float | None = None
-    accuracy_metric: str | None = "test_accuracy"
-    eval_every: float = 0.5
-    """Seconds between evaluations (only when an evaluator is given)."""
-    slowdown: float = 1.0
-    """A straggler's factor: after each gradient computation, wait (slowdown - 1) times its duration."""
-    drain_timeout: float = 120.0
-    progress_every: float = 0.25
+__all__ = ["LoopResult", "WorkerLoop", "send_all"]
 
 
 @dataclass
@@ -43,7 +27,7 @@ class LoopResult:
     train_end: float
     """Clock time at which this worker stopped computing."""
     drained: bool
-    """Every final count was received and applied before the drain timeout."""
+    """Every final count was received and applied, and everything queued was sent, before the deadline."""
     drain_end: float
     evals: list[dict] = field(default_factory=list)
 
@@ -55,16 +39,18 @@ def send_all(transport: Transport, outgoing: list[Outgoing]) -> None:
 
 
 class WorkerLoop:
-    """Runs one worker in real (or any injected) time.
+    """Runs one worker's protocol in real (or any injected) time.
 
     Args:
         worker: the worker to drive.
         transport: its endpoint.
-        clock: time source.
+        clock: time source (``now`` and ``sleep``).
         ledger: where each own gradient's record (clock at start, completion time) goes.
-        config: stop rules, evaluation and straggler policy.
+        policy: the stop rules, evaluation cadence and drain timeout.
         evaluator: ``evaluator() -> metrics`` on this worker's replica, or None (only one worker evaluates).
-        on_progress: called with a small dict every ``config.progress_every`` seconds.
+        on_progress: called with a small dict every ``progress_every`` seconds.
+        slowdown: a straggler's factor: after each gradient computation, wait (slowdown - 1) times its
+            duration (slower hardware: the gradient is complete, and leaves, only after that).
     """
 
     def __init__(
@@ -73,106 +59,83 @@ class WorkerLoop:
         transport: Transport,
         clock: Clock,
         ledger: StalenessLedger,
-        config: LoopConfig,
+        policy: StopPolicy,
         evaluator: Callable[[], dict[str, float]] | None = None,
         on_progress: Callable[[dict], None] | None = None,
+        slowdown: float = 1.0,
+        progress_every: float = 0.25,
     ) -> None:
         self.worker = worker
         self.transport = transport
         self.clock = clock
         self.ledger = ledger
-        self.config = config
+        self.policy = policy
         self.evaluator = evaluator
         self.on_progress = on_progress
-        self.evals: list[dict] = []
-        self._last_metrics: dict[str, float] = {}
+        self.slowdown = slowdown
+        self.progress_every = progress_every
+        self.protocol: WorkerProtocol | None = None
 
     def run(self) -> LoopResult:
         """Train until a stop rule fires here or a peer asks to stop, then drain. Returns what happened."""
-        w, cfg, clock = self.worker, self.config, self.clock
-        start = clock.now()
-        next_eval = start
-        next_progress = start
-        reason = ""
+        w, clock, transport = self.worker, self.clock, self.transport
+        p = self.protocol = WorkerProtocol(w, self.policy, self.ledger, start=clock.now())
+        next_progress = p.start
         while True:
-            send_all(self.transport, w.receive(self.transport.poll()))
             now = clock.now()
-            if self.evaluator is not None and now >= next_eval:
-                self._evaluate(now)
-                next_eval = clock.now() + cfg.eval_every
-            reason = self._stop_reason(now - start)
-            if reason:
-                break
-            if not w.ready:
-                # The algorithm waits on peers (a synchronous step, a server's reply; a server never computes).
-                # Messages, evaluations and stop rules go on meanwhile.
-                self.transport.wait(min(0.05, max(0.0, next_eval - now)) if self.evaluator else 0.05)
-                continue
-            t0 = clock.now()
-            gradient = w.compute()
-            t1 = clock.now()
-            if cfg.slowdown > 1.0:
-                # A straggler computes `slowdown` times slower (slower hardware): its gradient is complete, and
-                # leaves, only after that. Only the computation is scaled, not message handling.
-                clock.sleep((cfg.slowdown - 1.0) * (t1 - t0))
+            if self.evaluator is not None and p.evaluation_due(now):
+                p.evaluated(now, self.evaluator(), finished=clock.now())
+            out, action = p.step(clock.now(), transport.poll())
+            send_all(transport, out)
+            if isinstance(action, Compute):
+                t0 = clock.now()
+                gradient = w.compute()
                 t1 = clock.now()
-            self.ledger.record(w.rank, w.computed, t0, t1, gradient.clock)
-            send_all(self.transport, w.commit(gradient))
-            if self.on_progress is not None and t1 >= next_progress:
-                self.on_progress(self._progress(t1, "training"))
-                next_progress = t1 + cfg.progress_every
-        if reason != "stop_requested":
-            send_all(self.transport, w.request_stop())
-        send_all(self.transport, w.finish())
-        train_end = clock.now()
-        drained = self._drain(train_end + cfg.drain_timeout)
-        drain_end = clock.now()
-        if self.on_progress is not None:
-            self.on_progress(self._progress(drain_end, "drained" if drained else "drain_timeout"))
-        return LoopResult(reason, train_end, drained, drain_end, self.evals)
-
-    def _drain(self, deadline: float) -> bool:
-        """Apply and forward until every worker's final count is in; then flush what is still queued."""
-        w = self.worker
-        while not w.complete:
-            remaining = deadline - self.clock.now()
-            if remaining <= 0:
-                return False
-            self.transport.wait(min(0.05, remaining))
+                if self.slowdown > 1.0:
+                    # Only the computation is scaled, not message handling.
+                    clock.sleep((self.slowdown - 1.0) * (t1 - t0))
+                    t1 = clock.now()
+                send_all(transport, p.gradient_done(gradient, t0, t1))
+                if self.on_progress is not None and t1 >= next_progress:
+                    self.on_progress(self._progress(t1))
+                    next_progress = t1 + self.progress_every
+            elif p.phase is Phase.WAITING:
+                # The algorithm waits on peers (a synchronous step, a server's reply; a server never
+                # computes). Messages, evaluations and stop rules go on meanwhile.
+                transport.wait(min(0.05, max(0.0, p.next_eval - now)) if self.evaluator else 0.05)
+            else:
+                break
+        while True:
             # Read the dead peers before polling: a receiver marks its peer dead only after putting what the
             # peer sent in the inbox, so this poll holds all of it and the drain cannot end short of it.
-            dead = set(self.transport.stats().dead_peers)
-            send_all(self.transport, w.receive(self.transport.poll()))
-            for peer in dead:
-                w.declare_dead(peer)
-        return self.transport.flush(max(0.0, deadline - self.clock.now()))
+            dead = set(transport.stats().dead_peers)
+            out, action = p.drain(clock.now(), transport.poll(), dead)
+            send_all(transport, out)
+            if isinstance(action, Finished):
+                break
+            remaining = p.drain_deadline - clock.now()
+            if remaining <= 0:
+                p.give_up(clock.now())
+                break
+            transport.wait(min(0.05, remaining))
+        flushed = p.drained and transport.flush(max(0.0, p.drain_deadline - clock.now()))
+        drain_end = clock.now()
+        if self.on_progress is not None:
+            self.on_progress(self._progress(drain_end))
+        return LoopResult(p.stop_reason, p.train_end, flushed, drain_end, p.evals)
 
-    def _stop_reason(self, elapsed: float) -> str:
-        cfg = self.config
-        return stop_reason(
-            self.worker,
-            elapsed,
-            self._last_metrics,
-            cfg.max_gradients,
-            cfg.max_seconds,
-            cfg.target_accuracy,
-            cfg.accuracy_metric,
-        )
-
-    def _evaluate(self, now: float) -> None:
-        assert self.evaluator is not None
-        metrics = self.evaluator()
-        self._last_metrics = metrics
-        self.evals.append(
-            {"worker": self.worker.rank, "time": now, "gradients": self.worker.applied, **metrics}
-        )
-
-    def _progress(self, now: float, phase: str) -> dict:
+    def _progress(self, now: float) -> dict:
+        p = self.protocol
+        assert p is not None
+        if p.phase is Phase.DONE:
+            phase = "drained" if p.drained else "drain_timeout"
+        else:
+            phase = "training"  # waiting on peers is part of training, as a person watching sees it
         return {
             "rank": self.worker.rank,
             "time": now,
             "phase": phase,
             "computed": self.worker.computed,
             "applied": self.worker.applied,
-            **{k: v for k, v in self._last_metrics.items() if isinstance(v, float)},
+            **{k: v for k, v in p.last_metrics.items() if isinstance(v, float)},
         }

@@ -19,9 +19,9 @@ import numpy as np
 from dasgd.core.ledger import keep_clock_rows
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
-from dasgd.runtime.build import Resolved, build_sampler, build_task, build_worker, resolve
+from dasgd.runtime.build import Resolved, build_sampler, build_task, build_worker, resolve, stop_policy
 from dasgd.runtime.results import run_log, summarize, worker_shard, write_run_outputs
-from dasgd.sim.engine import SimOutcome, Simulation, StopPolicy
+from dasgd.sim.engine import SimOutcome, Simulation
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel, read_step_trace
 from dasgd.tasks import Task
 
@@ -67,14 +67,7 @@ def build_simulation(
         for r in range(spec.workers)
     ]
     sim = spec.simulation
-    policy = StopPolicy(
-        spec.max_gradients,
-        spec.max_seconds,
-        spec.target_accuracy,
-        task.accuracy_metric,
-        spec.evaluation_interval(simulated=True),
-        spec.drain_timeout,
-    )
+    policy = stop_policy(spec, task, simulated=True)
     failures = FailurePlan(sim.crashes, sim.crash_rate, sim.link_down)
     engine = Simulation(
         workers,

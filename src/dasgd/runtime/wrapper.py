@@ -36,6 +36,7 @@ from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import send_all
 from dasgd.runtime.session import DistributedSession
 from dasgd.transport.torchdist import TorchDistTransport
+from dasgd.worker.protocol import Finished, StopPolicy, WorkerProtocol
 from dasgd.worker.worker import Gradient, Worker
 
 __all__ = ["DecentralizedSGD", "FinishReport"]
@@ -120,6 +121,10 @@ class DecentralizedSGD:
         self._clock_at_start = self.worker.clock.copy()
         self._t_start = self.clock.now()
         self._finished = False
+        # No stop rules of its own: the user's loop decides when to stop; the drain keeps the default timeout.
+        self.protocol = WorkerProtocol(
+            self.worker, StopPolicy(accuracy_metric=None), self.ledger, start=self._t_start
+        )
 
     @property
     def stop_requested(self) -> bool:
@@ -132,35 +137,44 @@ class DecentralizedSGD:
             raise RuntimeError("finish() was called; this DecentralizedSGD takes no more steps")
         from dasgd.worker.replica import flat_grad
 
-        w = self.worker
+        w, p = self.worker, self.protocol
         t_end = self.clock.now()
         grad = flat_grad(self.model, w.params)
-        self.ledger.record(w.rank, w.computed, self._t_start, t_end, self._clock_at_start)
-        send_all(self.transport, w.commit(Gradient(grad, self._clock_at_start, float("nan"))))
+        gradient = Gradient(grad, self._clock_at_start, float("nan"))
+        send_all(self.transport, p.gradient_done(gradient, self._t_start, t_end))
         # Gradients from peers land after our own one, so that the record above describes exactly the
         # replica the user's forward/backward pass ran on.
-        send_all(self.transport, w.receive(self.transport.poll()))
+        send_all(self.transport, p.receive(self.transport.poll()))
         self._clock_at_start = w.clock.copy()
         self._t_start = self.clock.now()
 
     def request_stop(self) -> None:
         """Ask every worker to stop (e.g. when this one reached a target); they see ``stop_requested``."""
-        send_all(self.transport, self.worker.request_stop())
+        send_all(
+            self.transport, self.worker.request_stop()
+        )  # a signal only: this worker goes on until finish()
 
     def finish(self, timeout: float = 300.0) -> FinishReport:
         """End of run: drain until every replica holds every gradient, then compare replicas."""
         if self._finished:
             raise RuntimeError("finish() was already called")
         self._finished = True
-        w = self.worker
-        send_all(self.transport, w.finish())
+        p, transport = self.protocol, self.transport
+        send_all(transport, p.stop(self.clock.now(), "finished", tell_peers=False))
         deadline = time.monotonic() + timeout
-        while not w.complete:
+        while True:
+            # Dead peers read before polling (what they sent is queued first): the drain completes without
+            # them instead of waiting for a final count that will never come.
+            dead = set(transport.stats().dead_peers)
+            out, action = p.drain(self.clock.now(), transport.poll(), dead)
+            send_all(transport, out)
+            if isinstance(action, Finished):
+                break
             if time.monotonic() > deadline:
-                raise TimeoutError(f"the drain did not complete in {timeout:.0f} s: a peer may have died")
-            self.transport.wait(0.05)
-            send_all(self.transport, w.receive(self.transport.poll()))
-        self.transport.flush(max(0.0, deadline - time.monotonic()))
+                p.give_up(self.clock.now())
+                raise TimeoutError(f"the drain did not complete in {timeout:.0f} s: a peer may be stuck")
+            transport.wait(0.05)
+        transport.flush(max(0.0, deadline - time.monotonic()))
         report = self._compare()
         self.transport.expect_shutdown()  # before any peer's SHUTDOWN can arrive (barrier below)
         self.session.barrier()

@@ -1,9 +1,9 @@
 """The discrete-event engine: drives the same Worker objects as real runs, in virtual time.
 
-Each worker repeats what the real loop does (runtime/loop.py) with the same worker operations and the same
-stop rules (worker/rules.py): at the start of a step it applies what has arrived, checks the stop rules,
-and starts a gradient; when the compute-time model says the gradient is done, it commits it (applies it and
-sends it) and starts the next step. A worker's replica changes only at its own events, so the gradient it
+Each worker runs the same protocol as in a real run (worker/protocol.py), and the engine only turns its
+actions into events: at the start of a step the protocol applies what has arrived, checks the stop rules and
+says compute, wait or stop; when the compute-time model says the gradient is done, the protocol records and
+commits it (applies it and sends it) and the next step starts. A worker's replica changes only at its own events, so the gradient it
 computes at the start of a step is the gradient of the replica it will commit from; that is what lets the
 engine compute the gradients of many in-flight workers in one batched call without changing any result.
 
@@ -24,25 +24,13 @@ from dasgd.sim.events import EventKind, EventQueue, VirtualClock
 from dasgd.sim.models import ComputeModel, FailurePlan, NetworkModel
 from dasgd.sim.network import SimNetwork
 from dasgd.tasks import BatchSampler, Task
-from dasgd.worker.rules import stop_reason
+from dasgd.worker.protocol import Compute, Finished, Phase, StopPolicy, WorkerProtocol
 from dasgd.worker.worker import Gradient, Outgoing, Worker
 
-__all__ = ["Simulation", "SimOutcome", "StopPolicy"]
+__all__ = ["Simulation", "SimOutcome", "StopPolicy"]  # StopPolicy: re-exported from worker.protocol
 
 _COMPUTING, _DRAINING, _DONE, _DEAD, _WAITING = range(5)
 _TRAINING = (_COMPUTING, _WAITING)  # before the worker's stop: computing, or waiting on peers to go on
-
-
-@dataclass(frozen=True)
-class StopPolicy:
-    """Stop rules and evaluation cadence, in virtual seconds."""
-
-    max_gradients: int | None = None
-    max_seconds: float | None = None
-    target_accuracy: float | None = None
-    accuracy_metric: str | None = None
-    eval_every: float = 0.5
-    drain_timeout: float = 120.0
 
 
 @dataclass
@@ -128,7 +116,6 @@ class Simulation:
         self._started = [0.0] * n
         self._state = [_COMPUTING] * n
         self._wake_at = [math.inf] * n
-        self._metrics: dict[str, float] = {}
         self.on_progress = on_progress
         self.progress_every = progress_every
         self.outcome = SimOutcome(
@@ -139,6 +126,10 @@ class Simulation:
             drained=[False] * n,
             crashed=[False] * n,
         )
+        self.protocols = [WorkerProtocol(w, policy, self.outcome.records, start=0.0) for w in workers]
+        # Worker 0's replica is the one evaluated: its protocol keeps the evaluations (and the stop rule on
+        # accuracy sees them); the outcome shares the list.
+        self.outcome.evals = self.protocols[0].evals
         self._drain_deadline = math.inf
         # Lazy drain: with bundled arrivals and nothing that can fail, a draining worker completes exactly when
         # the last message addressed to it arrives, and no message is sent after the last worker stops. So a
@@ -214,30 +205,22 @@ class Simulation:
             i += 1
 
     def _start(self, w: int) -> None:
-        """The top of a real loop iteration: apply arrivals, check the stop rules, start a gradient."""
+        """The top of a step: the protocol applies arrivals, checks the stop rules, says compute or wait."""
         worker = self.workers[w]
-        self._send(w, worker.receive(self.transports[w].poll()))
         t = self.clock.now()
-        reason = stop_reason(
-            worker,
-            t,
-            self._metrics if w == 0 else {},
-            self.policy.max_gradients,
-            self.policy.max_seconds,
-            self.policy.target_accuracy,
-            self.policy.accuracy_metric,
-        )
-        if reason:
-            self._stop(w, reason)
+        out, action = self.protocols[w].step(t, self.transports[w].poll())
+        self._send(w, out)
+        if self.protocols[w].phase is Phase.DRAINING:
+            self._stop(w)
             return
-        if not worker.ready:
+        if not isinstance(action, Compute):
             # The algorithm waits on peers (a synchronous step, a server's reply, or a server that never
             # computes): the next arrival wakes the worker, and so does the time budget running out.
             if self._state[w] != _WAITING:
                 self._state[w] = _WAITING
                 self._waiting.add(w)
-                if self.policy.max_seconds is not None and self.policy.max_seconds > t:
-                    self.events.push(self.policy.max_seconds, EventKind.WAKE, w)
+                if action.until < math.inf and action.until > t:
+                    self.events.push(action.until, EventKind.WAKE, w)
             nxt = self.net.next_arrival(w)
             if nxt is not None and nxt < self._wake_at[w]:
                 self._wake_at[w] = nxt
@@ -259,12 +242,10 @@ class Simulation:
     def _done(self, w: int) -> None:
         if self._state[w] != _COMPUTING:
             return  # crashed while computing
-        worker = self.workers[w]
         if w not in self._pending:
             self._compute_inflight()
         gradient = self._pending.pop(w)
-        self.outcome.records.record(w, worker.computed, self._started[w], self.clock.now(), gradient.clock)
-        self._send(w, worker.commit(gradient))
+        self._send(w, self.protocols[w].gradient_done(gradient, self._started[w], self.clock.now()))
         self._start(w)
 
     def _compute_inflight(self) -> None:
@@ -279,16 +260,14 @@ class Simulation:
             assert snapshot is not None
             self._pending[r] = Gradient(g, snapshot, loss)
 
-    def _stop(self, w: int, reason: str) -> None:
-        worker = self.workers[w]
+    def _stop(self, w: int) -> None:
+        """The protocol stopped worker ``w`` (its STOP and FINAL are sent): schedule its drain."""
+        p = self.protocols[w]
         self._waiting.discard(w)
-        if reason != "stop_requested":
-            self._send(w, worker.request_stop())
         self._state[w] = _DRAINING
         self._draining.add(w)
-        self._send(w, worker.finish())
-        self.outcome.stop_reason[w] = reason
-        self.outcome.train_end[w] = self.clock.now()
+        self.outcome.stop_reason[w] = p.stop_reason
+        self.outcome.train_end[w] = p.train_end
         if all(s not in _TRAINING for s in self._state):
             self._drain_deadline = self.clock.now() + self.policy.drain_timeout
             if self._lazy_drain:
@@ -299,11 +278,10 @@ class Simulation:
                         self.events.push(last, EventKind.WAKE, d)
         self._check_drained(w)
 
-    def _check_drained(self, w: int) -> None:
-        worker = self.workers[w]
-        for peer in self.net.stats[w].dead_peers:
-            worker.declare_dead(peer)
-        if worker.complete:
+    def _check_drained(self, w: int, arrived: list | None = None) -> None:
+        out, action = self.protocols[w].drain(self.clock.now(), arrived or [], self.net.stats[w].dead_peers)
+        self._send(w, out)
+        if isinstance(action, Finished):
             self._state[w] = _DONE
             self._draining.discard(w)
             self.net.retire(w)
@@ -339,8 +317,7 @@ class Simulation:
         if state != _DRAINING or self.clock.now() < self._wake_at[w]:
             return  # a stale wake-up: an earlier one was scheduled after it
         self._wake_at[w] = math.inf
-        self._send(w, self.workers[w].receive(self.transports[w].poll()))
-        self._check_drained(w)
+        self._check_drained(w, self.transports[w].poll())
 
     def _crash(self, w: int) -> None:
         if self._state[w] in (_DONE, _DEAD):
@@ -361,10 +338,8 @@ class Simulation:
     def _evaluate(self) -> None:
         if self._state[0] == _DEAD:
             return
-        worker = self.workers[0]
-        self._metrics = self.task.evaluate(worker.model, full=False)
         t = self.clock.now()
-        self.outcome.evals.append({"worker": 0, "time": t, "gradients": worker.applied, **self._metrics})
+        self.protocols[0].evaluated(t, self.task.evaluate(self.workers[0].model, full=False))
         if self._state[0] in _TRAINING:
             self.events.push(t + self.policy.eval_every, EventKind.EVALUATE)
 
@@ -374,5 +349,5 @@ class Simulation:
             "computed": sum(w.computed for w in self.workers),
             "applied": self.workers[0].applied,
             "training": sum(s in _TRAINING for s in self._state),
-            **{k: v for k, v in self._metrics.items() if isinstance(v, float)},
+            **{k: v for k, v in self.protocols[0].last_metrics.items() if isinstance(v, float)},
         }

@@ -1,0 +1,243 @@
+"""The per-worker protocol: one state machine for a worker's life, driven by the real loop, the simulator and
+the wrapper alike.
+
+It does no I/O and reads no clock: a driver hands it what happened (messages arrived, a gradient computed,
+the time now, an evaluation's metrics) and it answers with what to send and what to do next, as an action:
+
+- :class:`Compute`: start the next gradient now (then report it with :meth:`WorkerProtocol.gradient_done`);
+- :class:`Wait`: nothing to do until a message arrives or until ``until`` (the time budget, the drain
+  deadline), whichever comes first; then call :meth:`~WorkerProtocol.step` again (or
+  :meth:`~WorkerProtocol.drain` while draining);
+- :class:`Finished`: the worker's part of the run is over (``drained`` says whether every gradient it is
+  owed arrived before the drain deadline).
+
+The phases (:class:`Phase`): TRAINING (computing), WAITING (the algorithm waits on peers: a synchronous
+step, a server's reply), DRAINING (stopped: it announced its final count and applies what it is still owed,
+declaring dead the peers its driver saw die), DONE. The stop rules are one frozen :class:`StopPolicy`.
+A call that does not fit the phase raises :class:`ProtocolError` naming the phase.
+
+Later states (restore, join, sync from a peer, leave) belong here too, so that each is written once.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+
+from dasgd.core.ledger import StalenessLedger
+from dasgd.core.message import Message
+from dasgd.worker.rules import stop_reason
+from dasgd.worker.worker import Gradient, Outgoing, Worker
+
+__all__ = [
+    "Action",
+    "Compute",
+    "Finished",
+    "Phase",
+    "ProtocolError",
+    "StopPolicy",
+    "Wait",
+    "WorkerProtocol",
+]
+
+
+@dataclass(frozen=True)
+class StopPolicy:
+    """Stop rules, evaluation cadence and drain patience of a run, in the driver's seconds (wall or virtual)."""
+
+    max_gradients: int | None = None
+    """Stop once the replica holds this many gradients (its view of the run's total T)."""
+    max_seconds: float | None = None
+    """Stop once this many seconds have passed since the start."""
+    target_accuracy: float | None = None
+    """Stop once the last evaluation of this replica reached it."""
+    accuracy_metric: str | None = "test_accuracy"
+    """The evaluation key the target is compared with (None: the task has no accuracy)."""
+    eval_every: float = 0.5
+    """Seconds between evaluations (of the worker that evaluates)."""
+    drain_timeout: float = 120.0
+    """Seconds the end-of-run drain may take."""
+
+
+class Phase(enum.Enum):
+    """Where a worker is in its life."""
+
+    TRAINING = "training"
+    WAITING = "waiting"
+    DRAINING = "draining"
+    DONE = "done"
+
+
+@dataclass(frozen=True)
+class Compute:
+    """Start the next gradient now."""
+
+
+@dataclass(frozen=True)
+class Wait:
+    """Wait for a message, or until ``until`` (seconds on the driver's clock), whichever is first."""
+
+    until: float = math.inf
+
+
+@dataclass(frozen=True)
+class Finished:
+    """The worker's part of the run is over."""
+
+    drained: bool
+
+
+Action = Compute | Wait | Finished
+
+
+class ProtocolError(RuntimeError):
+    """A call that does not fit the protocol's phase (a driver bug)."""
+
+
+@dataclass
+class WorkerProtocol:
+    """One worker's protocol.
+
+    Args:
+        worker: the worker whose steps it takes.
+        policy: the stop rules.
+        ledger: where each own gradient's record goes (None: not recorded).
+        start: the time training started (the time budget counts from it).
+    """
+
+    worker: Worker
+    policy: StopPolicy
+    ledger: StalenessLedger | None = None
+    start: float = 0.0
+    phase: Phase = Phase.TRAINING
+    stop_reason: str = ""
+    """Why the worker stopped ("" while training; see worker/rules.py)."""
+    train_end: float = math.nan
+    drain_end: float = math.nan
+    drained: bool = False
+    evals: list[dict] = field(default_factory=list)
+    """The evaluations reported with :meth:`evaluated`, as the run's event log stores them."""
+    last_metrics: dict[str, float] = field(default_factory=dict)
+    next_eval: float = math.nan
+    """When the next evaluation is due (the start, then every ``policy.eval_every``)."""
+
+    def __post_init__(self) -> None:
+        if math.isnan(self.next_eval):
+            self.next_eval = self.start
+
+    # -- training -----------------------------------------------------------------------------------------
+    def step(self, now: float, arrived: list[Message]) -> tuple[list[Outgoing], Action]:
+        """The top of a training step: apply what arrived, check the stop rules, then compute or wait.
+
+        When a rule fires the worker stops here: its STOP and FINAL go out with the returned messages, the
+        phase is DRAINING and the action waits for the drain deadline; the driver goes on with :meth:`drain`.
+        """
+        self._require(Phase.TRAINING, Phase.WAITING)
+        w = self.worker
+        out = w.receive(arrived)
+        reason = stop_reason(
+            w,
+            now - self.start,
+            self.last_metrics,
+            self.policy.max_gradients,
+            self.policy.max_seconds,
+            self.policy.target_accuracy,
+            self.policy.accuracy_metric,
+        )
+        if reason:
+            # A peer's request needs no echo; a rule that fired here is announced to everyone.
+            out += self._stop(reason, now, tell_peers=reason != "stop_requested")
+            return out, Wait(self.drain_deadline)
+        if not w.ready:
+            # The algorithm waits on peers; the time budget still runs out while it does.
+            self.phase = Phase.WAITING
+            budget = self.policy.max_seconds
+            return out, Wait(self.start + budget if budget is not None else math.inf)
+        self.phase = Phase.TRAINING
+        return out, Compute()
+
+    def gradient_done(self, gradient: Gradient, started: float, finished: float) -> list[Outgoing]:
+        """The gradient started at ``started`` is complete at ``finished``: record it, commit it, and return
+        what must be sent. Call :meth:`step` next."""
+        self._require(Phase.TRAINING)
+        if self.ledger is not None:
+            self.ledger.record(self.worker.rank, self.worker.computed, started, finished, gradient.clock)
+        return self.worker.commit(gradient)
+
+    # -- evaluation ---------------------------------------------------------------------------------------
+    def evaluation_due(self, now: float) -> bool:
+        """Whether an evaluation is due (for the worker that evaluates)."""
+        return now >= self.next_eval
+
+    def evaluated(self, now: float, metrics: Mapping[str, float], finished: float | None = None) -> dict:
+        """Record an evaluation of this replica taken at ``now`` (and over at ``finished``, default ``now``);
+        the next is due ``eval_every`` after it is over. Returns the record."""
+        self.last_metrics = dict(metrics)
+        record = {"worker": self.worker.rank, "time": now, "gradients": self.worker.applied, **metrics}
+        self.evals.append(record)
+        self.next_eval = (now if finished is None else finished) + self.policy.eval_every
+        return record
+
+    # -- stop and drain -----------------------------------------------------------------------------------
+    def receive(self, arrived: list[Message]) -> list[Outgoing]:
+        """Apply what arrived without checking the stop rules: for a driver whose user decides when to stop
+        (the wrapper); a peer's request to stop shows in ``worker.stop_requested``."""
+        self._require(Phase.TRAINING, Phase.WAITING)
+        return self.worker.receive(arrived)
+
+    def stop(self, now: float, reason: str, tell_peers: bool = True) -> list[Outgoing]:
+        """Stop now for ``reason`` (the driver's own: a user's loop that ends): announce the final count, and
+        with ``tell_peers`` ask every worker to stop too. The driver goes on with :meth:`drain`."""
+        self._require(Phase.TRAINING, Phase.WAITING)
+        return self._stop(reason, now, tell_peers)
+
+    @property
+    def drain_deadline(self) -> float:
+        """When the drain gives up (the stop time plus the policy's drain timeout)."""
+        return self.train_end + self.policy.drain_timeout
+
+    def drain(
+        self, now: float, arrived: list[Message], dead_peers: Iterable[int]
+    ) -> tuple[list[Outgoing], Action]:
+        """A drain step: apply what arrived, stop waiting for the peers seen dead, and say whether it is over.
+
+        Drivers read the dead peers *before* taking the arrived messages (a transport marks a peer dead only
+        after queuing what it sent), so nothing a dead peer sent is left behind.
+        """
+        self._require(Phase.DRAINING)
+        out = self.worker.receive(arrived)
+        return out, self._drain_check(now, dead_peers)
+
+    def give_up(self, now: float) -> Finished:
+        """The drain deadline passed (or the driver ended it): the worker is done, not drained."""
+        self._require(Phase.DRAINING)
+        self.phase = Phase.DONE
+        self.drain_end = now
+        return Finished(False)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def _stop(self, reason: str, now: float, tell_peers: bool) -> list[Outgoing]:
+        w = self.worker
+        out = w.request_stop() if tell_peers else []
+        out += w.finish()
+        self.phase = Phase.DRAINING
+        self.stop_reason = reason
+        self.train_end = now
+        return out
+
+    def _drain_check(self, now: float, dead_peers: Iterable[int]) -> Action:
+        for peer in dead_peers:
+            self.worker.declare_dead(peer)
+        if self.worker.complete:
+            self.phase = Phase.DONE
+            self.drained = True
+            self.drain_end = now
+            return Finished(True)
+        return Wait(self.drain_deadline)
+
+    def _require(self, *phases: Phase) -> None:
+        if self.phase not in phases:
+            allowed = " or ".join(p.value for p in phases)
+            raise ProtocolError(f"worker {self.worker.rank} is {self.phase.value}; this step needs {allowed}")
