@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable
 from fractions import Fraction
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,6 +16,7 @@ from dasgd.core.ledger import (
     StalenessLedger,
     StalenessStats,
     compute_staleness,
+    keep_clock_rows,
     model_staleness,
 )
 
@@ -402,3 +405,283 @@ def test_keep_clock_rows_moves_the_kept_rows_up_in_place(monkeypatch, block_entr
     got = ledger_module.keep_clock_rows(table, rows)
     assert np.shares_memory(got, table)  # no second table
     np.testing.assert_array_equal(got, want)
+
+
+# --- mutation-testing additions (benchmarks/mutation.py): exact reasons, edges of each check -------------
+
+
+def _raises(match: str, call: Callable[..., Any], *args: Any) -> None:
+    """``call(*args)`` raises LedgerError with exactly ``match`` as the start of its message."""
+    with pytest.raises(LedgerError) as caught:
+        call(*args)
+    assert str(caught.value).startswith(match), str(caught.value)
+
+
+def test_histogram_types_and_edges_are_the_same_in_both_bin_modes() -> None:
+    stats = compute_staleness(*_arrays(HAND_ROWS))
+    for counts, edges in (stats.histogram(), stats.histogram(bins=3)):
+        assert counts.dtype == np.int64  # counts of gradients, whatever numpy's own histogram returns
+        assert edges.dtype == np.float64  # fractional edges in the binned mode, so float in both
+        assert counts.size == edges.size - 1
+    # One bin is a valid request: everything in [0, s_max].
+    counts, edges = stats.histogram(bins=1)
+    assert (counts.tolist(), edges.tolist()) == ([8], [0.0, 4.0])
+
+
+def test_histogram_of_a_zero_staleness_run_spans_zero_to_one() -> None:
+    # s_max = 0: the docstring's range [0, max(s_max, 1)] = [0, 1], not numpy's default around the data.
+    stats = compute_staleness([0, 0, 0], [0, 1, 2], [1.0, 2.0, 3.0], [[0], [1], [2]])
+    assert stats.s_max == 0
+    counts, edges = stats.histogram(bins=2)
+    assert (counts.tolist(), edges.tolist()) == ([3, 0], [0.0, 0.5, 1.0])
+    assert [a.tolist() for a in stats.histogram()] == [[3], [0.0, 1.0]]
+    # No gradients: still one integer bin [0, 1) for s = 0, holding nothing.
+    counts, edges = compute_staleness([], [], [], []).histogram()
+    assert (counts.tolist(), edges.tolist()) == ([0], [0.0, 1.0])
+
+
+@pytest.mark.parametrize("bins", [True, 2.5, "3", -1])
+def test_histogram_refuses_bins_that_are_not_positive_integers(bins: object) -> None:
+    stats = compute_staleness(*_arrays(HAND_ROWS))
+    _raises(f"histogram bins must be None or a positive integer, got {bins!r}", stats.histogram, bins)
+
+
+def test_unsigned_and_narrow_integer_inputs_give_the_int64_answers() -> None:
+    # Clocks may arrive as unsigned integers; differences must not wrap around (1 - 3 is -2, not 2^32 - 2).
+    for dtype in (np.uint8, np.uint32, np.uint64, np.int16):
+        a, b = np.array([3, 1, 0], dtype=dtype), np.array([1, 3, 1], dtype=dtype)
+        assert model_staleness(a, b) == 5  # the hand example above
+    origin, index, end, clock = _arrays(HAND_ROWS)
+    stats = compute_staleness(origin.astype(np.uint16), index.astype(np.uint32), end, clock.astype(np.uint8))
+    assert stats.per_gradient.tolist() == HAND_S and stats.loose.tolist() == HAND_LOOSE
+
+
+def test_uint64_values_up_to_the_int64_limit_are_accepted_and_above_it_refused() -> None:
+    top = np.iinfo(np.int64).max
+    assert model_staleness(np.array([top], dtype=np.uint64), np.array([top - 2], dtype=np.uint64)) == 2
+    _raises(
+        "clock_a holds values too large for int64",
+        model_staleness,
+        np.array([top + 1], dtype=np.uint64),
+        np.array([0], dtype=np.uint64),
+    )
+
+
+def test_a_narrow_clock_table_is_widened_block_by_block_not_copied(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Clocks are the bulk of a run's records (int32 in the ledger; 10^8 entries at 1,000 workers), so
+    # compute_staleness reads a narrow table in place and widens one block of rows at a time. Here an int64
+    # copy of the table would be 8 MB; the rest of the work stays near 1 MB.
+    import tracemalloc
+
+    import dasgd.core.ledger as ledger_module
+
+    monkeypatch.setattr(ledger_module, "_BLOCK_ENTRIES", 1 << 14)
+    total, world = 4000, 256
+    origin, index = np.arange(total) % world, np.arange(total) // world
+    end = np.arange(total, dtype=np.float64)
+    for dtype in (np.int32, np.uint16):
+        clock = np.zeros((total, world), dtype=dtype)
+        tracemalloc.start()
+        try:
+            stats = compute_staleness(origin, index, end, clock)
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        # Every model is empty, so gradient k misses the k before it.
+        assert stats.per_gradient.tolist() == list(range(total))
+        assert peak < 8 * total * world / 2, f"{dtype.__name__}: peak {peak} bytes"
+
+
+def test_id_errors_name_the_exact_duplicate_gap_or_reversal() -> None:
+    zeros = np.zeros((4, 2), dtype=np.int64)
+    # The duplicate is worker 1's id 1, not the first row: the message must find it.
+    _raises(
+        "duplicate record: worker 1 gradient id 1 appears more than once; record each gradient exactly once",
+        compute_staleness,
+        [0, 0, 1, 1],
+        [0, 1, 1, 1],
+        [1.0, 2.0, 3.0, 4.0],
+        zeros,
+    )
+    # A worker with a single record whose id is not 0.
+    _raises(
+        "worker 1 has 1 records but its ids are not 0..0 (id 0 is missing); every gradient",
+        compute_staleness,
+        [0, 1],
+        [0, 3],
+        [1.0, 2.0],
+        zeros[:2],
+    )
+    _raises(
+        "worker 0 has 3 records but its ids are not 0..2 (id 1 is missing)",
+        compute_staleness,
+        [0, 0, 0],
+        [0, 2, 3],
+        [1.0, 2.0, 3.0],
+        zeros[:3, :1],
+    )
+    # Equal ends within a worker are fine (ids break the tie); only a decrease is an error, and the message
+    # names the first decrease, not a comparison with the first gradient.
+    _raises(
+        "worker 1's gradient 1 ends at 2.0, before its gradient 0 (ends at 3.0); a worker's own",
+        compute_staleness,
+        [0, 0, 1, 1],
+        [0, 1, 0, 1],
+        [1.0, 1.0, 3.0, 2.0],
+        zeros,
+    )
+    _raises(
+        "worker 0's gradient 2 ends at 2.0, before its gradient 1 (ends at 3.0)",
+        compute_staleness,
+        [0, 0, 0],
+        [0, 1, 2],
+        [1.0, 3.0, 2.0],
+        zeros[:3, :1],
+    )
+
+
+def test_compute_staleness_reasons_name_the_argument_and_the_numbers() -> None:
+    ok = ([0, 1], [0, 0], [1.0, 2.0], [[0, 0], [0, 0]])
+    _raises("index must be a 1-D array, got shape (1, 2)", compute_staleness, ok[0], [[0, 0]], ok[2], ok[3])
+    _raises(
+        "index must have an integer dtype (int64), got float64",
+        compute_staleness,
+        ok[0],
+        [0.0, 0.0],
+        ok[2],
+        ok[3],
+    )
+    _raises("end must be a 1-D array, got shape (1, 2)", compute_staleness, ok[0], ok[1], [[1.0, 2.0]], ok[3])
+    _raises(
+        "end must hold real numbers (float64), got dtype <U1",
+        compute_staleness,
+        ok[0],
+        ok[1],
+        ["a", "b"],
+        ok[3],
+    )
+    _raises(
+        "origin, index, end and clock must have one row per gradient, got lengths 2, 2, 2 and 1",
+        compute_staleness,
+        ok[0],
+        ok[1],
+        ok[2],
+        [[0, 0]],
+    )
+    _raises(
+        "clock has 0 columns; it needs one column per worker",
+        compute_staleness,
+        ok[0],
+        ok[1],
+        ok[2],
+        np.zeros((2, 0), dtype=np.int64),
+    )
+    _raises(
+        "origin 2 is not a worker: clock has 2 columns, so origins are 0..1",
+        compute_staleness,
+        [0, 2],
+        ok[1],
+        ok[2],
+        ok[3],
+    )
+    _raises(
+        "end holds a NaN or infinite time; every gradient needs a finite completion time",
+        compute_staleness,
+        ok[0],
+        ok[1],
+        [1.0, np.inf],
+        ok[3],
+    )
+    _raises(
+        "clock entries count applied gradients and must be >= 0, got -1",
+        compute_staleness,
+        ok[0],
+        ok[1],
+        ok[2],
+        [[0, -1], [0, 0]],
+    )
+
+
+@pytest.mark.parametrize(
+    ("origin", "index", "end", "clock", "lengths"),
+    [
+        ([0], [0], [], [[0]], "1, 1, 0 and 1"),  # only end is empty
+        ([0], [], [], [[0]], "1, 0, 0 and 1"),  # index and end are empty
+        ([], [], [], [[0, 0]], "0, 0, 0 and 1"),  # only the clock has rows
+    ],
+)
+def test_partly_empty_input_is_an_error_not_an_empty_run(origin, index, end, clock, lengths) -> None:
+    _raises(
+        f"origin, index, end and clock must have one row per gradient, got lengths {lengths}",
+        compute_staleness,
+        origin,
+        index,
+        end,
+        clock,
+    )
+
+
+def test_keep_clock_rows_moves_the_first_block_too() -> None:
+    table = np.arange(12, dtype=np.int32).reshape(6, 2)  # row r holds [2r, 2r + 1]
+    kept = keep_clock_rows(table, np.array([1, 3, 4]))
+    assert kept.tolist() == [[2, 3], [6, 7], [8, 9]]
+
+
+def test_model_staleness_accepts_zero_entries_and_names_each_clock() -> None:
+    # G_a = {A0, A1}, G_b = {B0}: sym-diff 3; zeros are valid counts on either side.
+    assert model_staleness(np.array([2, 0]), np.array([0, 1])) == 3
+    _raises("clock_a must be a 1-D array, got shape (1, 1)", model_staleness, np.array([[1]]), np.array([1]))
+    _raises(
+        "clock_b must have an integer dtype (int64), got float64",
+        model_staleness,
+        np.array([1]),
+        np.array([1.0]),
+    )
+    _raises(
+        "clock entries count applied gradients and must be >= 0",
+        model_staleness,
+        np.array([0]),
+        np.array([-1]),
+    )
+
+
+def test_a_one_worker_ledger_is_sequential_sgd() -> None:
+    ledger = StalenessLedger(1)
+    for k in range(3):
+        ledger.record(0, k, float(k), float(k) + 0.5, np.array([k]))
+    assert ledger.stats().per_gradient.tolist() == [0, 0, 0]
+
+
+def test_ledger_reasons_name_the_argument_and_the_values() -> None:
+    _raises("world_size must be an integer, got a bool", StalenessLedger, True)
+    _raises("world_size must be an integer, got float", StalenessLedger, 2.0)
+    _raises("world_size must be >= 1, got 0", StalenessLedger, 0)
+    ledger = StalenessLedger(2)
+    clock = np.zeros(2, dtype=np.int64)
+    _raises("origin must be an integer, got str", ledger.record, "0", 0, 0.0, 1.0, clock)
+    _raises("index must be an integer, got float", ledger.record, 0, 0.5, 0.0, 1.0, clock)
+    _raises("index must be >= 0, got -1", ledger.record, 0, -1, 0.0, 1.0, clock)
+    _raises("start and end must be finite times, got 0.0 and inf", ledger.record, 0, 0, 0.0, np.inf, clock)
+    _raises("start and end must be finite times, got nan and 1.0", ledger.record, 0, 0, np.nan, 1.0, clock)
+    _raises("clock must be a 1-D array, got shape (1, 2)", ledger.record, 0, 0, 0.0, 1.0, clock[None, :])
+    _raises(
+        "clock entries count applied gradients and must be >= 0",
+        ledger.record,
+        0,
+        0,
+        0.0,
+        1.0,
+        np.array([0, -1]),
+    )
+    assert len(ledger) == 0
+
+
+def test_the_ledger_stores_clocks_as_clock_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    # CLOCK_DTYPE is the one place that sets the storage width (the simulator keeps its clock snapshots in it too).
+    import dasgd.core.ledger as ledger_module
+
+    for dtype in (np.int16, np.int64):
+        monkeypatch.setattr(ledger_module, "CLOCK_DTYPE", np.dtype(dtype))
+        ledger = StalenessLedger(2)
+        ledger.record(0, 0, 0.0, 1.0, np.array([0, 3]))
+        assert ledger.take()[4].dtype == dtype

@@ -753,3 +753,313 @@ def test_random_detached_headers_never_crash(
     else:
         assert res.detached and res.message.payload is None and res.dtype is not None
         assert res.numel == numel and res.message.kind in (Kind.GRADIENT, Kind.MODEL)
+
+
+# ------------------------------------------------------------------------------------------ exact reasons
+# A rejection is counted by its reason and logged with its detail: the detail must name the numbers that
+# were wrong. Each case below is built by the reference encoder; the expected text is worked out by hand
+# from the bytes (lengths, codes, fields), not copied from the module's output.
+
+# Five float16 zeros (code 3, 2 bytes each), from the reference encoder: nothing of the module runs at import.
+_GRAD_F16 = _reference_bytes(
+    kind=1, sender=0, origin=0, lo=0, hi=1, code=3, payload_bytes=b"\0" * 10, numel=5
+)
+
+
+def _rejection(buf: object, **kw: object) -> str:
+    with pytest.raises(WireError) as info:
+        decode(buf, **kw)  # type: ignore[arg-type]
+    text = str(info.value)
+    assert text.startswith(f"rejected message ({info.value.reason}): ")
+    return text
+
+
+_REJECTIONS = [
+    (b"DSGD" + b"\0" * 6, {}, "(truncated): 10 bytes, fewer than the 56-byte header"),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, magic=b"DSGE"),
+        {},
+        "(bad_magic): starts with b'DSGE', not b'DSGD': not a dasgd message",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, version=2),
+        {},
+        "(bad_version): wire version 2, this build speaks 1; run the same dasgd everywhere",
+    ),
+    (_reference_bytes(kind=3, sender=0, origin=0, flags=4), {}, "(bad_flags): unknown flag bits 0x04"),
+    (
+        _reference_bytes(kind=1, sender=0, origin=0, lo=0, hi=1, code=1, numel=4, flags=2),
+        {},
+        "(bad_flags): detached payload (flags bit 1) but whole messages are expected here; decode "
+        "split-plane headers with allow_detached=True or decode_detached()",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, code=6),
+        {},
+        "(bad_dtype): unknown payload dtype code 6",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, numel=1),
+        {},
+        "(shape): no-payload dtype code with numel=1",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, flags=2),
+        {"allow_detached": True},
+        "(shape): detached payload announced with the no-payload dtype code",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, total_length=57) + b"\0",
+        {},
+        "(bad_length): total_length 57 but the header implies 56 bytes",
+    ),
+    (  # a STOP with a 2-entry clock is 56 + 16 = 72 bytes; one is missing
+        _reference_bytes(kind=3, sender=0, origin=0, clock=[1, 2])[:71],
+        {"world_size": 2},
+        "(truncated): message is 72 bytes but only 71 arrived",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, fix_crc=False),
+        {},
+        "(checksum): crc32 mismatch: the message was corrupted in transit",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0),
+        {"key": b"k"},
+        "(auth): unsigned message but a shared secret is set; give every worker the key",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, key=b"guess"),
+        {"key": b"k"},
+        "(auth): HMAC tag does not match: forged, or the workers' secrets differ",
+    ),
+    (_reference_bytes(kind=6, sender=0, origin=0), {}, "(bad_kind): unknown message kind 6"),
+    (  # origin == world_size is already outside: workers are 0..3
+        _reference_bytes(kind=2, sender=0, origin=4, lo=5, hi=5),
+        {"world_size": 4},
+        "(unknown_sender): sender 0 / origin 4 outside a world of 4 workers",
+    ),
+    (
+        _reference_bytes(kind=1, sender=0, origin=0, lo=5, hi=5, code=1, payload_bytes=b"\0" * 8, numel=2),
+        {},
+        "(bad_range): id range [5, 5) is invalid for GRADIENT",
+    ),
+    (_reference_bytes(kind=1, sender=0, origin=0, lo=0, hi=1), {}, "(shape): GRADIENT needs a payload"),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, code=5, payload_bytes=b"ab", numel=2),
+        {},
+        "(shape): STOP must not carry a payload",
+    ),
+    (_GRAD_F16, {"expected_numel": 6}, "(shape): payload has 5 elements, expected 6"),
+    (
+        _GRAD_F16,
+        {"expected_dtype": torch.float32},
+        "(bad_dtype): payload dtype torch.float16, expected torch.float32",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, clock=[1, 2, 3]),
+        {"world_size": 2},
+        "(bad_clock): clock has 3 entries; expected 0 or world_size=2",
+    ),
+    (
+        _reference_bytes(kind=3, sender=0, origin=0, clock=[1, -1]),
+        {"world_size": 2},
+        "(bad_clock): negative vector clock entry",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "kw", "want"),
+    _REJECTIONS,
+    ids=[f"{i}-{want[1 : want.index(')')]}" for i, (_, _, want) in enumerate(_REJECTIONS)],
+)
+def test_every_rejection_names_what_was_wrong(data: bytes, kw: dict, want: str) -> None:
+    assert _rejection(data, **{"world_size": 1, **kw}) == "rejected message " + want
+
+
+def test_a_wire_error_only_takes_a_documented_reason() -> None:
+    with pytest.raises(ValueError) as info:
+        WireError("nope", "detail")
+    assert str(info.value) == f"unknown wire reject reason 'nope'; use one of {REJECT_REASONS}"
+
+
+def _usage(call: object, *args: object, **kw: object) -> str:
+    with pytest.raises(WireUsageError) as info:
+        call(*args, **kw)  # type: ignore[operator]
+    return str(info.value)
+
+
+def test_sizes_and_keys_reject_bad_arguments_by_name() -> None:
+    assert _usage(encoded_size, -1, torch.float32, 0, False) == "numel (-1) and n_clock (0) must be >= 0"
+    assert _usage(encoded_size, 0, None, -1, False) == "numel (0) and n_clock (-1) must be >= 0"
+    assert _usage(encoded_size, 3, None, 0, False) == "numel is 3 but dtype is None; pass the payload dtype"
+    assert _usage(encoded_size, 3, torch.int32, 0, False) == (
+        "payload dtype torch.int32 cannot be sent; use one of "
+        "['torch.bfloat16', 'torch.float16', 'torch.float32', 'torch.float64', 'torch.uint8']"
+    )
+    msg = Message(Kind.STOP, 0, 0)
+    out = torch.zeros(200, dtype=torch.uint8)
+    data = encode(msg)
+    empty = "the shared secret is empty; pass key=None to disable authentication"
+    not_bytes = "the shared secret must be bytes, got str"
+    for call, args in ((encode, (msg,)), (encode_into, (msg, out)), (decode, (data,))):
+        kw = {"world_size": 1} if call is decode else {}
+        assert _usage(call, *args, key=b"", **kw) == empty
+        assert _usage(call, *args, key="k", **kw) == not_bytes
+    assert _usage(decode, data, world_size=0) == "world_size must be >= 1, got 0"
+    assert _usage(decode, data, world_size=1, expected_dtype=torch.int32) == (
+        "expected_dtype torch.int32 is not a wire dtype"
+    )
+
+
+@pytest.mark.parametrize(
+    ("msg", "want"),
+    [
+        (Message(Kind.STOP, 0.5, 0), "message sender must be an integer, got float"),  # type: ignore[arg-type]
+        (Message(Kind.STOP, -1, 0), "message sender=-1 does not fit the wire field (0..4294967295)"),
+        (
+            Message(Kind.STOP, 0, 2**32),
+            "message origin=4294967296 does not fit the wire field (0..4294967295)",
+        ),
+        (
+            Message(Kind.MODEL, 0, 0, -1, 0, torch.ones(1)),
+            "message lo=-1 does not fit the wire field (0..18446744073709551615)",
+        ),
+        (
+            Message(Kind.MODEL, 0, 0, 0, 2**64, torch.ones(1)),
+            "message hi=18446744073709551616 does not fit the wire field (0..18446744073709551615)",
+        ),
+        (Message(9, 0, 0), "message kind 9 is not a dasgd Kind"),  # type: ignore[arg-type]
+        (
+            Message(Kind.GRADIENT, 0, 0, 3, 3, torch.ones(1)),
+            "GRADIENT needs lo < hi, got [3, 3); an empty range holds nothing",
+        ),
+        (Message(Kind.FINAL, 0, 0, 2, 3), "FINAL needs lo == hi (the total count), got lo=2, hi=3"),
+        (
+            Message(Kind.MODEL, 0, 0, 3, 2, torch.ones(1)),
+            "MODEL needs lo <= hi (the algorithm's tag), got lo=3, hi=2",
+        ),
+        (Message(Kind.STOP, 0, 0, 1, 0), "STOP carries no id range; set lo=hi=0 (got 1, 0)"),
+        (Message(Kind.GRADIENT, 0, 0, 0, 1), "GRADIENT needs a payload tensor, got None"),
+        (
+            Message(Kind.STOP, 0, 0, payload=torch.ones(1)),
+            "STOP is a control message and must have payload=None",
+        ),
+        (Message(Kind.GRADIENT, 0, 0, 0, 1, [1.0]), "payload must be a torch.Tensor, got list"),  # type: ignore[arg-type]
+        (
+            Message(Kind.STOP, 0, 0, clock=np.array([[0, 1]])),
+            "clock must be a 1-D integer array, got shape (1, 2) int64",
+        ),
+        (
+            Message(Kind.STOP, 0, 0, clock=np.array([0.0, 1.0])),
+            "clock must be a 1-D integer array, got shape (2,) float64",
+        ),
+        (
+            Message(Kind.STOP, 0, 0, clock=np.array([-1, 0])),
+            "clock entries are gradient counts: each must be in 0..2**63-1",
+        ),
+        (
+            Message(Kind.STOP, 0, 0, clock=np.array([2**63], dtype=np.uint64)),
+            "clock entries are gradient counts: each must be in 0..2**63-1",
+        ),
+        (  # two rules broken: the payload's is reported, in decode's order (payload before clock)
+            Message(Kind.GRADIENT, 0, 0, 0, 1, torch.ones(2, dtype=torch.int32), np.array([-1])),
+            "payload dtype torch.int32 cannot be sent; use one of "
+            "['torch.bfloat16', 'torch.float16', 'torch.float32', 'torch.float64', 'torch.uint8']",
+        ),
+    ],
+)
+def test_the_encoder_names_the_broken_rule(msg: Message, want: str) -> None:
+    assert _usage(encode, msg) == want
+    assert _usage(encode_into, msg, torch.zeros(200, dtype=torch.uint8)) == want
+
+
+def test_nothing_to_detach_is_a_usage_error_with_its_reason() -> None:
+    assert _usage(encode, Message(Kind.FINAL, 0, 0, 3, 3), detached=True) == (
+        "FINAL has no payload to detach; encode it with detached=False (only GRADIENT and MODEL payloads "
+        "travel on a data plane)"
+    )
+
+
+def test_output_and_input_buffers_are_checked_with_their_description() -> None:
+    msg = Message(Kind.GRADIENT, 0, 0, 0, 1, torch.zeros(4))  # 56 + 16 bytes, + 32 when signed
+    assert _usage(encode_into, msg, bytearray(100)) == "out must be a torch.Tensor, got bytearray"
+    for out, desc in (
+        (torch.zeros(10, 20, dtype=torch.uint8), "torch.uint8 shape (10, 20)"),
+        (torch.zeros(400, dtype=torch.uint8)[::2], "torch.uint8 shape (200,)"),
+        (torch.zeros(100, dtype=torch.float32), "torch.float32 shape (100,)"),
+    ):
+        assert _usage(encode_into, msg, out) == (
+            f"out must be a contiguous 1-D uint8 CPU tensor, got {desc} on cpu; "
+            "allocate it with torch.empty(n, dtype=torch.uint8)"
+        )
+    # the tag counts: a buffer one byte short of the signed size is refused before anything is written
+    assert _usage(encode_into, msg, torch.zeros(103, dtype=torch.uint8), b"k") == (
+        "out holds 103 bytes but the message needs 104; size it with encoded_size()"
+    )
+    data = encode(msg)
+    assert _usage(decode, "not bytes", world_size=1) == (
+        "decode needs bytes, bytearray, memoryview or a uint8 tensor, got str"
+    )
+    for buf, desc in (
+        (torch.zeros(100, dtype=torch.float32), "torch.float32 shape (100,)"),
+        (torch.zeros(2, 72, dtype=torch.uint8), "torch.uint8 shape (2, 72)"),
+        (torch.frombuffer(bytearray(data * 2), dtype=torch.uint8)[::2], "torch.uint8 shape (72,)"),
+    ):
+        assert _usage(decode, buf, world_size=1) == (
+            f"a tensor buffer must be a contiguous 1-D uint8 CPU tensor, got {desc} on cpu"
+        )
+    # A strided typed view cannot be read as bytes in place.
+    strided = np.frombuffer(data * 2, dtype=np.uint16)[::2]
+    assert _usage(decode, strided, world_size=1) == "decode needs a C-contiguous byte buffer"
+
+
+def test_typed_and_multi_dimensional_receive_buffers_decode_as_bytes() -> None:
+    # The layout keeps clock and payload 8-byte aligned so that a receive buffer may be a typed array; the
+    # decoder must read it as bytes whatever the element type or shape.
+    msg = Message(
+        Kind.GRADIENT, 1, 0, 4, 6, torch.tensor([1.5, -0.25, 3.0], dtype=torch.float64), np.array([2, 9])
+    )
+    data = encode(msg, b"k")  # 56 + 16 + 24 + 32 = 128 bytes
+    raw = _raw(msg.payload)
+    for buf in (
+        np.frombuffer(data, dtype=np.float64),
+        np.frombuffer(data, dtype=np.int32),
+        np.frombuffer(data, dtype=np.uint8).reshape(2, 64),
+        memoryview(data).cast("B", (4, 32)),
+    ):
+        _check_same(decode(buf, world_size=2, key=b"k"), msg, raw)
+
+
+def test_encoder_field_limits_are_inclusive() -> None:
+    top_u32, top_u64 = 2**32 - 1, 2**64 - 1
+    assert encode(Message(Kind.STOP, top_u32, top_u32)) == _reference_bytes(
+        kind=3, sender=top_u32, origin=top_u32
+    )
+    assert encode(Message(Kind.FINAL, 0, 0, top_u64, top_u64)) == _reference_bytes(
+        kind=2, sender=0, origin=0, lo=top_u64, hi=top_u64
+    )
+
+
+def test_a_clock_may_fill_its_count_field_exactly(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The n_clock field is a u32; a real 2^32-entry clock takes 32 GiB, so the field's limit is lowered here
+    # to check the boundary: as many entries as the field holds is fine, one more is refused.
+    import dasgd.core.wire as wire_module
+
+    monkeypatch.setattr(wire_module, "_U32_MAX", 3)
+    three = Message(Kind.STOP, 0, 0, clock=np.array([1, 2, 3]))
+    assert encode(three) == _reference_bytes(kind=3, sender=0, origin=0, clock=[1, 2, 3])
+    four = Message(Kind.STOP, 0, 0, clock=np.array([1, 2, 3, 4]))
+    assert _usage(encode, four) == "clock has 4 entries, more than the wire allows"
+
+
+def test_strided_payload_into_a_misaligned_buffer_is_staged_correctly() -> None:
+    # out starts at an odd address, so the payload bytes cannot be viewed as float32 in place: the encoder
+    # falls back to a staging copy, and the bytes must still be exactly encode()'s.
+    payload = torch.arange(24, dtype=torch.float32)[::3]
+    msg = Message(Kind.GRADIENT, 0, 0, 0, 1, payload, np.array([5]))
+    out = torch.zeros(300, dtype=torch.uint8)[1:]
+    n = encode_into(msg, out)
+    assert bytes(out[:n].numpy()) == encode(msg)
+    assert decode(out, world_size=1).payload.tolist() == [0.0, 3.0, 6.0, 9.0, 12.0, 15.0, 18.0, 21.0]
