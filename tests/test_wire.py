@@ -1063,3 +1063,17 @@ def test_strided_payload_into_a_misaligned_buffer_is_staged_correctly() -> None:
     n = encode_into(msg, out)
     assert bytes(out[:n].numpy()) == encode(msg)
     assert decode(out, world_size=1).payload.tolist() == [0.0, 3.0, 6.0, 9.0, 12.0, 15.0, 18.0, 21.0]
+
+
+def test_a_strided_buffer_is_refused_as_a_usage_error_not_a_buffer_error():
+    """A non-contiguous 1-D byte view (every other byte of a valid message) is a caller's mistake."""
+    import numpy as np
+
+    from dasgd.core.wire import WireUsageError, decode, encode
+
+    data = encode(Message(Kind.GRADIENT, 0, 0, 0, 1, torch.ones(4)))
+    doubled = bytes(b for pair in zip(data, data, strict=True) for b in pair)
+    for strided in (memoryview(doubled)[::2], np.frombuffer(doubled, dtype=np.uint8)[::2]):
+        with pytest.raises(WireUsageError, match="C-contiguous"):
+            decode(strided, world_size=1)
+    assert decode(bytes(memoryview(doubled)[::2]), world_size=1).hi == 1  # copied, it decodes

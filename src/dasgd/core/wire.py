@@ -431,6 +431,10 @@ def _as_bytes_view(buf: object) -> memoryview:
         raise WireUsageError(
             f"decode needs bytes, bytearray, memoryview or a uint8 tensor, got {type(buf).__name__}"
         ) from None
+    # A strided view (every other byte, say) cannot be read as one header: refuse it here, as a usage error,
+    # rather than let struct fail on it with a BufferError.
+    if not view.c_contiguous:
+        raise WireUsageError("decode needs a C-contiguous byte buffer")
     if view.ndim != 1 or view.format != "B":
         try:
             view = view.cast("B")
