@@ -435,3 +435,38 @@ def test_digits_without_sklearn_names_pip(monkeypatch: pytest.MonkeyPatch) -> No
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)  # makes the import fail
     with pytest.raises(DatasetMissing, match="pip install scikit-learn"):
         ds.load_digits.__wrapped__()
+
+
+def test_a_task_is_one_registry_entry_and_nothing_else_names_it(monkeypatch):
+    """A new task registered in TASKS alone is validated, defaulted and built through the spec and the
+    run assembly, with its own options, budget and accuracy rule (no special case anywhere else)."""
+    from dasgd.experiments.spec import SpecError, resolve_spec
+    from dasgd.runtime.build import build_task, resolve
+    from dasgd.tasks import TASKS, TaskEntry
+
+    built = {}
+
+    def build(dim: int, seed: int):  # noqa: ANN202
+        built.update(dim=dim, seed=seed)
+        return make_task("quadratic", dim=dim, seed=seed)
+
+    entry = TaskEntry(
+        "toy",
+        build,
+        "a toy",
+        default_lr=0.3,
+        default_batch_size=5,
+        default_budget=42,
+        options=("dim", "seed"),
+        lr_scales_with_workers=True,
+        has_accuracy=False,
+    )
+    monkeypatch.setitem(TASKS, "toy", entry)
+    monkeypatch.setattr("dasgd.tasks.TASK_NAMES", (*TASK_NAMES, "toy"))
+    spec = resolve_spec({}, task="toy", workers=3, dim=7, seed=4)
+    assert spec.max_gradients == 42
+    assert resolve(spec).lr == pytest.approx(0.1) and resolve(spec).batch_size == 5
+    build_task(spec)
+    assert built == {"dim": 7, "seed": 4}
+    with pytest.raises(SpecError, match="the toy task has no accuracy"):
+        resolve_spec({}, task="toy", target_accuracy=0.5)

@@ -24,9 +24,6 @@ __all__ = ["RunSpec", "SpecError", "load_spec_file", "resolve_spec", "parse_stra
 DATA_MODES = ("shared", "shards")
 DEVICES = ("cpu", "cuda")
 
-# Per-task default budget (total gradients over all workers) when the user gives no stop rule: a few epochs.
-DEFAULT_BUDGET = {"quadratic": 2000, "digits-logreg": 1500, "mnist-logreg": 3000, "fashion-cnn": 3000}
-
 
 class SpecError(ValueError):
     """A spec value is invalid. ``flag`` is the CLI flag (or YAML key) at fault."""
@@ -214,7 +211,7 @@ def resolve_spec(
     ``values["simulation"]`` and overridden by ``overrides["simulation"]`` (a mapping).
     """
     from dasgd.algorithms import ALGORITHMS
-    from dasgd.tasks import TASK_NAMES
+    from dasgd.tasks import TASK_NAMES, task_entry
 
     merged: dict[str, Any] = dict(values or {})
     sim_values = dict(merged.pop("simulation", None) or {})
@@ -240,7 +237,8 @@ def resolve_spec(
     spec = RunSpec(**kw)
     _check(spec, TASK_NAMES, tuple(ALGORITHMS), simulate)
     if not spec.stop_rules():
-        spec = dataclasses.replace(spec, max_gradients=DEFAULT_BUDGET.get(spec.task, 2000))
+        # A few epochs: the task's default budget (total gradients over all workers).
+        spec = dataclasses.replace(spec, max_gradients=task_entry(spec.task).default_budget)
     return spec
 
 
@@ -265,6 +263,8 @@ def _stragglers(value: Any) -> tuple[tuple[int, float], ...]:
 
 
 def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ...], simulate: bool) -> None:
+    from dasgd.tasks import task_entry
+
     def need(ok: bool, key: str, message: str) -> None:
         if not ok:
             raise SpecError(flag_name(key), message)
@@ -296,9 +296,9 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
         "must be a fraction in (0, 1], e.g. 0.9",
     )
     need(
-        spec.target_accuracy is None or spec.task != "quadratic",
+        spec.target_accuracy is None or task_entry(spec.task).has_accuracy,
         "target_accuracy",
-        "the quadratic task has no accuracy; stop it with --max-gradients or --max-seconds",
+        f"the {spec.task} task has no accuracy; stop it with --max-gradients or --max-seconds",
     )
     need(spec.eval_every is None or spec.eval_every > 0, "eval_every", "must be positive (seconds)")
     need(spec.grads_per_message >= 1, "grads_per_message", "must be at least 1 (1 is the theory's setting)")

@@ -10,7 +10,7 @@ import torch
 from dasgd.algorithms import AlgorithmError, AlgorithmParams, make_algorithm
 from dasgd.core.topology import Topology, parse_topology
 from dasgd.experiments.spec import RunSpec, SpecError
-from dasgd.tasks import BatchSampler, Task, default_batch_size, default_lr, make_task
+from dasgd.tasks import BatchSampler, Task, default_batch_size, default_lr, make_task, task_entry
 from dasgd.worker.protocol import StopPolicy
 from dasgd.worker.worker import Worker
 
@@ -38,11 +38,8 @@ class Resolved:
 
 def build_task(spec: RunSpec) -> Task:
     """The spec's task (reads its dataset; raises DatasetMissing naming the install command)."""
-    if spec.task == "quadratic":
-        return make_task(
-            "quadratic", dim=spec.dim, noise=spec.noise, condition=spec.condition, seed=spec.seed
-        )
-    return make_task(spec.task)
+    options = {name: getattr(spec, name) for name in task_entry(spec.task).options}
+    return make_task(spec.task, **options)
 
 
 def stop_policy(spec: RunSpec, task: Task, simulated: bool) -> StopPolicy:

@@ -29,9 +29,19 @@ from dasgd.tasks.base import (
     check_sampler_args,
     shard_indices,
 )
-from dasgd.tasks.datasets import Dataset
+from dasgd.tasks.datasets import Dataset, load_digits, load_fashion_mnist, load_mnist
+from dasgd.tasks.registry import TaskEntry
 
-__all__ = ["EVAL_SUBSET_SIZE", "TRAIN_SUBSET_SIZE", "ClassificationTask", "logistic_regression", "small_cnn"]
+__all__ = [
+    "DIGITS_LOGREG",
+    "EVAL_SUBSET_SIZE",
+    "FASHION_CNN",
+    "MNIST_LOGREG",
+    "TRAIN_SUBSET_SIZE",
+    "ClassificationTask",
+    "logistic_regression",
+    "small_cnn",
+]
 
 EVAL_SUBSET_SIZE = 2_000
 """Size of the fixed test subset used when ``full=False``."""
@@ -246,3 +256,34 @@ def _fixed_subset(size: int, seed: int, count: int) -> torch.Tensor | None:
         return None
     rows = np.random.default_rng(seed).choice(size, count, replace=False)
     return torch.from_numpy(np.sort(rows).astype(np.int64))
+
+
+def _mnist_logreg() -> Task:
+    return ClassificationTask("mnist-logreg", load_mnist(), lambda: logistic_regression(784, 10), "logreg")
+
+
+def _digits_logreg() -> Task:
+    return ClassificationTask("digits-logreg", load_digits(), lambda: logistic_regression(64, 10), "logreg")
+
+
+def _fashion_cnn() -> Task:
+    # A gradient over 8,192 samples would make each evaluation of the CNN about 8x dearer; 2,048 keeps it
+    # within about 2x of the forward passes alone.
+    return ClassificationTask(
+        "fashion-cnn", load_fashion_mnist(), lambda: small_cnn(10), "cnn", train_subset_size=2_048
+    )
+
+
+MNIST_LOGREG = TaskEntry(
+    "mnist-logreg", _mnist_logreg, "logistic regression on MNIST", default_lr=0.05, default_budget=3000
+)
+DIGITS_LOGREG = TaskEntry(
+    "digits-logreg",
+    _digits_logreg,
+    "logistic regression on sklearn digits",
+    default_lr=0.5,
+    default_budget=1500,
+)
+FASHION_CNN = TaskEntry(
+    "fashion-cnn", _fashion_cnn, "small CNN on Fashion-MNIST", default_lr=0.05, default_budget=3000
+)

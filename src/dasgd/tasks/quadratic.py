@@ -30,8 +30,9 @@ import numpy as np
 import torch
 
 from dasgd.tasks.base import Batch, BatchSampler, Task, TaskError, check_sampler_args
+from dasgd.tasks.registry import TaskEntry
 
-__all__ = ["NoiseSampler", "QuadraticModel", "QuadraticTask"]
+__all__ = ["QUADRATIC", "NoiseSampler", "QuadraticModel", "QuadraticTask"]
 
 # Stream tags keep the problem instance and the model initialisation statistically independent even when the
 # user passes the same number as problem seed and model seed.
@@ -216,3 +217,19 @@ class QuadraticTask(Task):
 
 def _is_real(value: object) -> bool:
     return isinstance(value, (int, float, np.integer, np.floating)) and not isinstance(value, bool)
+
+
+QUADRATIC = TaskEntry(
+    "quadratic",
+    QuadraticTask,
+    "noisy strongly convex quadratic (float64)",
+    default_lr=0.5,
+    default_budget=2000,
+    # ``seed`` is the problem instance (the minimiser): the run's seed.
+    options=("dim", "noise", "condition", "seed"),
+    # Its curvature is known (L = 1), and with n workers each gradient misses about n others' (S_avg close to
+    # n on a complete graph), while gradient descent with delays of S steps is stable only for eta * L * S
+    # below about 1: the sequential 0.5 diverges from 4 workers on (16 simulated workers reached 1e110).
+    lr_scales_with_workers=True,
+    has_accuracy=False,
+)
