@@ -67,7 +67,7 @@ def add_theory_parser(subparsers: Any) -> argparse.ArgumentParser:
 
 
 def _say(text: str, *, err: bool = False) -> None:
-    # The CLI is the one place that talks to the terminal (STYLE.md, 13).
+    # The CLI is the one place that talks to the terminal.
     print(text, file=sys.stderr if err else sys.stdout)
 
 

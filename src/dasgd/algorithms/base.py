@@ -5,7 +5,7 @@ worker keeps the mechanism every algorithm shares: message validation, exactly-o
 ids, the vector clock, broadcast-tree forwarding, the end-of-run FINAL/STOP handshake. The algorithm decides
 the math and the messaging pattern: apply at once and push (DASGD), wait for a step's gradients and average
 (mini-batch SGD), push to a server and pull its model (parameter-server ASGD), average models (Local SGD,
-gossip). The runtime decides when things happen. Algorithms hold no sockets, clocks or threads (STYLE.md, 1),
+gossip). The runtime decides when things happen. Algorithms hold no sockets, clocks or threads,
 so each one runs unchanged in real processes and in the simulator.
 
 Adding an algorithm is one file with a subclass of :class:`Algorithm` and one line in the registry

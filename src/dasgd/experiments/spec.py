@@ -1,4 +1,4 @@
-"""The run spec: typed, frozen, validated once at the edge (STYLE.md, 7).
+"""The run spec: typed, frozen, validated once at the edge.
 
 A spec comes from a YAML file, CLI flags, or Python keyword arguments; all three go through
 :func:`resolve_spec`, which rejects bad values with a :class:`SpecError` that names the flag the user typed

@@ -1,4 +1,4 @@
-"""Time as an object (STYLE.md, 6): the runtime reads and waits through a Clock, never the time module.
+"""Time as an object: the runtime reads and waits through a Clock, never the time module.
 
 The real runtime uses :class:`WallClock`; the simulator supplies a virtual clock with the same two methods,
 so the worker loop and everything below it never knows which one it runs under.

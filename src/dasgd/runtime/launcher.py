@@ -1,7 +1,7 @@
 """The one-machine launcher behind `dasgd train --workers N`: N worker processes on loopback.
 
 Unlike torchrun's agent or mp.spawn, this launcher never kills the survivors when one worker dies: DASGD is
-meant to go on without it (DESIGN.md: no barrier, a dead worker never stalls the others). It starts the
+meant to go on without it (no barrier: a dead worker never stalls the others). It starts the
 processes with the same environment torchrun would give them, follows their progress files, and collects
 the summary rank 0 writes. Ctrl-C stops every worker it started.
 

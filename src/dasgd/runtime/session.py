@@ -3,7 +3,7 @@
 Training itself uses only point-to-point messages (no barrier). Collectives happen twice, outside training:
 once at start (agree on the time origin) and once at the end, after every worker drained (gather results).
 They run on a separate Gloo group so that they never interleave with the transport's threads on the
-point-to-point group (shared ENGINES.md).
+point-to-point group (docs/design.md, Transport).
 """
 
 from __future__ import annotations

@@ -1,7 +1,7 @@
 """The event queue and virtual clock of the simulator.
 
 Ties break by a counter (the order events were scheduled), never by hash order or wall time, so the same
-spec and seed replay the same run event for event (STYLE.md, 6).
+spec and seed replay the same run event for event.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """The Transport protocol: how a worker's messages reach its peers.
 
-A transport is narrow on purpose (STYLE.md, 5): ``send`` never blocks the training loop, ``poll`` returns
+A transport is narrow on purpose: ``send`` never blocks the training loop, ``poll`` returns
 what has arrived without blocking, ``wait`` lets an idle loop sleep until something arrives, ``flush``
 waits until everything sent has left. Every implementation passes the same conformance tests
 (tests/test_transport_conformance.py).

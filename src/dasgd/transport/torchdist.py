@@ -1,6 +1,6 @@
 """Transport over torch.distributed point-to-point (Gloo for CPU tensors).
 
-How it never blocks training (see shared ENGINES.md for the measured Gloo behaviour this design follows):
+How it never blocks training (docs/design.md lists the measured Gloo behaviour this design follows):
 - A posted Gloo send completes only once the receiver posted a matching receive, and a posted operation
   cannot be polled. So every peer gets its own *sender thread* that blocks in ``wait()``, fed by a bounded
   :class:`CoalescingQueue`: while a peer is slow, newer gradients for it are summed into the queued message

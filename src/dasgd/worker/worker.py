@@ -1,6 +1,6 @@
 """One worker: a replica, its vector clock, and the step-level operations on them.
 
-The worker is pure mechanism (DESIGN.md): no threads, no sockets, no clocks, no loop. The real-time runtime,
+The worker is pure mechanism: no threads, no sockets, no clocks, no loop. The real-time runtime,
 the simulator and the PyTorch wrapper all drive it through the same operations:
 
 - ``receive(messages)``: hand arrived gradients (each exactly once) and models to the algorithm, note control
