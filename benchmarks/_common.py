@@ -202,7 +202,7 @@ def run_ranks(script: str, args: Sequence[str], world_size: int, timeout: float)
     Raises:
         ChildFailed: a rank exited with an error, wrote no result, or ran past ``timeout`` seconds.
     """
-    from dasgd.runtime.launcher import host_store, store_env
+    from dasgd.runs.launcher import host_store, store_env
 
     store = host_store()  # held until the ranks are done: no port is picked free and bound later
     with tempfile.TemporaryDirectory(prefix="dasgd-bench-") as tmp:
@@ -332,7 +332,7 @@ def ddp_rank(config: DDPConfig, result: str) -> None:
     from torch.nn.parallel import DistributedDataParallel
 
     from dasgd.experiments.spec import RunSpec
-    from dasgd.runtime.build import sampler_seed
+    from dasgd.runs.build import sampler_seed
     from dasgd.tasks import make_task
 
     torch.set_num_threads(1)

@@ -5,7 +5,7 @@ Two tasks, MNIST logistic regression (``mnist-logreg``, target 0.9) and the smal
 task:
 
 - every algorithm in ``dasgd.algorithms.ALGORITHMS`` (or ``--algorithms``) runs through the library side of
-  ``dasgd compare`` (:func:`dasgd.experiments.compare.plan_comparison` and ``run_comparison``): the same spec
+  ``dasgd compare`` (:func:`dasgd.runs.compare.plan_comparison` and ``run_comparison``): the same spec
   for all (task defaults for stepsize and batch size, seed 0, ``stragglers=["1x4"]``,
   ``target_accuracy`` as the stop rule, ``max_seconds`` as the budget, ``eval_every`` as below), one run
   directory each, plus the comparison's own ``compare.md``, ``report.md`` and plots;
@@ -82,7 +82,7 @@ def run_algorithms(
     task: str, setup: TaskSetup, algorithms: list[str], out_dir: Path
 ) -> tuple[list[dict[str, Any]], Any]:
     """Every algorithm on ``task`` through the comparison library; (per-algorithm rows, the plan)."""
-    from dasgd.experiments.compare import plan_comparison, run_comparison
+    from dasgd.runs.compare import plan_comparison, run_comparison
 
     plan = plan_comparison({}, _overrides(task, setup), algorithms, out_dir)
 
@@ -189,9 +189,9 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--eval-every must be positive (seconds)")
 
     from dasgd.algorithms import ALGORITHMS
-    from dasgd.experiments.compare import parse_algorithms
     from dasgd.experiments.spec import SpecError
-    from dasgd.runtime.build import build_task, resolve
+    from dasgd.runs.build import build_task, resolve
+    from dasgd.runs.compare import parse_algorithms
 
     try:
         algorithms = list(parse_algorithms(args.algorithms if args.algorithms else list(ALGORITHMS)))

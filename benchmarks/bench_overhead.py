@@ -92,7 +92,7 @@ def plain_child(task_name: str, gradients: int, lr: float, result: str) -> None:
     import torch
 
     from dasgd.experiments.spec import RunSpec
-    from dasgd.runtime.build import sampler_seed
+    from dasgd.runs.build import sampler_seed
     from dasgd.tasks import make_task
     from dasgd.worker.replica import checksum
 

@@ -1,6 +1,6 @@
 """Simulator scale: wall time, simulated events and gradient deliveries per second, peak memory.
 
-Each configuration runs `dasgd simulate`'s library path (dasgd.runtime.simulate.simulate) in a fresh process,
+Each configuration runs `dasgd simulate`'s library path (dasgd.runs.simulate.simulate) in a fresh process,
 so its peak memory (ru_maxrss) is its own. Complete graph, constant 10 ms steps and 1 ms latency, batched
 gradients and arrivals (what reached a worker since its last poll is applied as one bundle). "deliveries"
 counts gradient messages applied by receiving replicas (every gradient reaches every other worker), the work
@@ -50,7 +50,7 @@ def child(task: str, workers: int, gradients: int, extra: dict, out: str) -> Non
     import resource
 
     from dasgd.experiments.spec import resolve_spec
-    from dasgd.runtime.simulate import simulate
+    from dasgd.runs.simulate import simulate
 
     spec = resolve_spec(
         {},

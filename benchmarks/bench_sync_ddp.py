@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     if args is None:
         return 0
     from dasgd.experiments.spec import resolve_spec
-    from dasgd.runtime.build import resolve
+    from dasgd.runs.build import resolve
 
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _common.print_header(

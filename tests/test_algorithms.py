@@ -20,10 +20,10 @@ from dasgd.algorithms import ALGORITHMS, AlgorithmParams, make_algorithm
 from dasgd.algorithms.staleness_policies import receiver_staleness
 from dasgd.core.message import Kind, Message
 from dasgd.experiments.spec import SpecError, resolve_spec
-from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
-from dasgd.runtime.launcher import host_store, store_env
+from dasgd.runs.build import build_sampler, build_task, build_worker, resolve
+from dasgd.runs.launcher import host_store, store_env
+from dasgd.runs.simulate import simulate
 from dasgd.runtime.loop import send_all
-from dasgd.runtime.simulate import simulate
 from dasgd.transport.inproc import InProcessNetwork
 
 # (algorithm, spec keys it needs in the suite). One line per algorithm.

@@ -14,7 +14,7 @@ import yaml
 
 import dasgd
 from dasgd.experiments.spec import resolve_spec
-from dasgd.runtime.simulate import simulate
+from dasgd.runs.simulate import simulate
 from dasgd.sim.calibrate import calibration, estimate_latency
 from dasgd.sim.models import ModelError
 

@@ -15,7 +15,10 @@ import pytest
 
 from dasgd.algorithms import ALGORITHMS
 from dasgd.cli import main
-from dasgd.experiments.compare import (
+from dasgd.experiments.spec import RunSpec, SpecError
+from dasgd.metrics.compare_plots import comparison_figures, curve_of, plot_comparison
+from dasgd.metrics.eventlog import EventLog
+from dasgd.runs.compare import (
     aggregate_rows,
     compare_verdict,
     parse_algorithms,
@@ -23,9 +26,6 @@ from dasgd.experiments.compare import (
     plan_comparison,
     run_comparison,
 )
-from dasgd.experiments.spec import RunSpec, SpecError
-from dasgd.metrics.compare_plots import comparison_figures, curve_of, plot_comparison
-from dasgd.metrics.eventlog import EventLog
 
 DIGITS = {"task": "digits-logreg", "workers": 3, "max_gradients": 60, "target_accuracy": 0.8}
 
@@ -459,7 +459,7 @@ def test_cli_comparison_where_no_algorithm_can_reach_the_target(tmp_path, capsys
     target. No run can reach it.
     """
     from dasgd.experiments.spec import resolve_spec
-    from dasgd.runtime.build import build_task
+    from dasgd.runs.build import build_task
 
     x0_spec = resolve_spec({}, task="digits-logreg", workers=3)
     task = build_task(x0_spec)

@@ -22,7 +22,7 @@ from dasgd.metrics.eventlog import (
     write_metrics_csv,
 )
 from dasgd.metrics.plots import plot_run, run_figures
-from dasgd.metrics.report import NA, ReportError, format_summary, format_value, write_report
+from dasgd.runs.report import NA, ReportError, format_summary, format_value, write_report
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 

@@ -19,7 +19,7 @@ from oracle import check_run
 
 import dasgd
 from dasgd.metrics.eventlog import read_event_log
-from dasgd.runtime.launcher import host_store
+from dasgd.runs.launcher import host_store
 
 pytestmark = [pytest.mark.multiprocess, pytest.mark.timeout(600)]
 
@@ -68,7 +68,7 @@ def _worker_pids(run_dir: Path) -> dict[int, int]:
             env = (proc / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if b"dasgd.runtime.entry" in cmd and str(run_dir).encode() in cmd:
+        if b"dasgd.runs.entry" in cmd and str(run_dir).encode() in cmd:
             rank = [e for e in env if e.startswith(b"RANK=")]
             if rank:
                 pids[int(rank[0][5:])] = int(proc.name)

@@ -12,7 +12,7 @@ from oracle import check_audits, check_folder
 from dasgd.algorithms import ALGORITHMS
 from dasgd.core.message import Kind, Message
 from dasgd.experiments.spec import resolve_spec
-from dasgd.runtime.build import build_task, build_worker, resolve
+from dasgd.runs.build import build_task, build_worker, resolve
 from dasgd.runtime.loop import send_all
 from dasgd.transport.inproc import InProcessNetwork
 from dasgd.worker.worker import Worker
@@ -176,7 +176,7 @@ def test_sync_that_divides_by_the_wrong_count_is_caught(tmp_path, monkeypatch):
 @pytest.mark.parametrize("batched", [True, False])
 def test_simulated_runs_with_latency_and_a_crash_pass_the_oracle(tmp_path, batched):
     """The simulator drives the same workers (bundled arrivals included): their audit trails pass too."""
-    from dasgd.runtime.simulate import simulate
+    from dasgd.runs.simulate import simulate
 
     spec = resolve_spec(
         {},

@@ -1,4 +1,4 @@
-"""Tests for dasgd.runtime.results.run_log: the workers' shards merged into the run's event log."""
+"""Tests for dasgd.runs.results.run_log: the workers' shards merged into the run's event log."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pytest
 
 from dasgd.core.ledger import compute_staleness
 from dasgd.metrics.shard import WorkerShard
-from dasgd.runtime.results import run_log
+from dasgd.runs.results import run_log
 
 
 def _shards(rng: np.random.Generator, world: int, per_worker: int) -> list[WorkerShard]:
@@ -64,7 +64,7 @@ def test_run_log_merges_shards_in_global_order_with_their_own_rows() -> None:
 
 def _summary_of(params: list[np.ndarray], clocks: list[np.ndarray], algorithm: str = "dasgd") -> dict:
     from dasgd.experiments.spec import resolve_spec
-    from dasgd.runtime.results import summarize
+    from dasgd.runs.results import summarize
 
     world = len(params)
     shards = [

@@ -86,9 +86,9 @@ def _capture(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     def compare(plan: Any, *_, **__) -> None:
         write(plan.runs[0].spec, folder)
 
-    monkeypatch.setattr("dasgd.runtime.launcher.launch_local", write)
-    monkeypatch.setattr("dasgd.runtime.simulate.simulate", write)
-    monkeypatch.setattr("dasgd.experiments.compare.run_comparison", compare)
+    monkeypatch.setattr("dasgd.runs.launcher.launch_local", write)
+    monkeypatch.setattr("dasgd.runs.simulate.simulate", write)
+    monkeypatch.setattr("dasgd.runs.compare.run_comparison", compare)
 
 
 def _in(folder: Path, value: Any) -> Any:

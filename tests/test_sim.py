@@ -16,9 +16,9 @@ from dasgd.algorithms import DASGD
 from dasgd.experiments.spec import resolve_spec
 from dasgd.metrics.eventlog import read_event_log
 from dasgd.metrics.plots import run_figures
-from dasgd.runtime.build import build_sampler, build_task, build_worker, resolve
-from dasgd.runtime.results import render_run_dir
-from dasgd.runtime.simulate import build_simulation, compute_model, network_model, simulate
+from dasgd.runs.build import build_sampler, build_task, build_worker, resolve
+from dasgd.runs.results import render_run_dir
+from dasgd.runs.simulate import build_simulation, compute_model, network_model, simulate
 from dasgd.sim.engine import Simulation, StopPolicy
 from dasgd.sim.events import EventKind, EventQueue
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel

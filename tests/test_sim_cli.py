@@ -17,10 +17,10 @@ import yaml
 
 from dasgd.cli import main
 from dasgd.experiments.spec import SpecError
-from dasgd.experiments.sweep import loss_to_target, parse_sweep, plan_sweep
 from dasgd.metrics.eventlog import read_event_log
 from dasgd.metrics.plots import run_figures
 from dasgd.metrics.sweep_plots import SWEEP_PLOT_METRICS, sweep_figure, sweep_figures
+from dasgd.runs.sweep import loss_to_target, parse_sweep, plan_sweep
 
 # A small, stable quadratic: lr 0.02 keeps lr * L * S_max well below 1 even at 16 workers.
 QUAD = ["--task", "quadratic", "--dim", "5", "--lr", "0.02", "--seed", "1"]

@@ -13,7 +13,7 @@ import hashlib
 import pytest
 
 from dasgd.experiments.spec import resolve_spec
-from dasgd.runtime.simulate import simulate
+from dasgd.runs.simulate import simulate
 
 PINNED = {
     "dasgd": "e46d7c58b1ec444de505a166711db6cd32cded2a72bdee36eb4363cc672a018e",

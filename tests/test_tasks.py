@@ -441,7 +441,7 @@ def test_a_task_is_one_registry_entry_and_nothing_else_names_it(monkeypatch):
     """A new task registered in TASKS alone is validated, defaulted and built through the spec and the
     run assembly, with its own options, budget and accuracy rule (no special case anywhere else)."""
     from dasgd.experiments.spec import SpecError, resolve_spec
-    from dasgd.runtime.build import build_task, resolve
+    from dasgd.runs.build import build_task, resolve
     from dasgd.tasks import TASKS, TaskEntry
 
     built = {}

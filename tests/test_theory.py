@@ -27,15 +27,15 @@ from dasgd.core.theory import (
     stepsize_limit_bound2,
 )
 from dasgd.experiments.spec import resolve_spec
-from dasgd.experiments.theory_sweep import (
+from dasgd.runs import theory_report
+from dasgd.runs.simulate import simulate
+from dasgd.runs.theory_report import analyze_run, report_section
+from dasgd.runs.theory_sweep import (
     TheorySweepConfig,
     TheorySweepError,
     fit_line,
     gradients_to_eps,
 )
-from dasgd.metrics import theory_report
-from dasgd.metrics.theory_report import analyze_run, report_section
-from dasgd.runtime.simulate import simulate
 from dasgd.tasks import DatasetMissing, make_task
 
 # --- the formulas, by hand ------------------------------------------------------------------------------------

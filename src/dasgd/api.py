@@ -19,7 +19,7 @@ def train(spec: RunSpec | dict[str, Any] | None = None, **overrides: Any) -> dic
     import dataclasses
     import datetime
 
-    from dasgd.runtime.launcher import launch_local
+    from dasgd.runs.launcher import launch_local
 
     values = dataclasses.asdict(spec) if isinstance(spec, RunSpec) else dict(spec or {})
     resolved = resolve_spec(values, **overrides)

@@ -6,57 +6,35 @@ Exit codes: 0 success, 1 the run itself failed, 2 bad input (a message names the
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
-__all__ = ["main", "build_parser"]
+from dasgd.cli_common import (
+    EXIT_FAILED,
+    EXIT_OK,
+    EXIT_USAGE,
+    add_simulation_flags,
+    add_spec_flags,
+    check_trace,
+    default_run_dir,
+    plain,
+    progress_printer,
+    simulation_overrides,
+    simulation_progress,
+    simulation_values,
+    spec_overrides,
+)
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+__all__ = ["main", "build_parser"]
 
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> None:  # argparse exits 2 too; keep its message but add the hint
         self.print_usage(sys.stderr)
         self.exit(EXIT_USAGE, f"dasgd: error: {message}\n(see `{self.prog} --help`)\n")
-
-
-def _add_spec_flags(p: argparse.ArgumentParser) -> None:
-    """``--spec FILE`` and one flag per run setting (generated from RunSpec's fields)."""
-    from dasgd.experiments.settings import add_flags
-    from dasgd.experiments.spec import RunSpec
-
-    p.add_argument("--spec", metavar="FILE", help="YAML spec file; flags given here override its values")
-    add_flags(p, RunSpec)
-
-
-def _add_simulation_flags(p: argparse.ArgumentParser) -> None:
-    """The simulation settings (generated from SimSpec's fields) and the options of a simulation command."""
-    from dasgd.experiments.settings import add_flags
-    from dasgd.experiments.simspec import SimSpec
-
-    g = p.add_argument_group("simulation (virtual seconds; see docs/simulator.md)")
-    add_flags(g, SimSpec)
-    g.add_argument(
-        "--calibrate",
-        metavar="RUN_DIR",
-        help="replay a real run: its per-worker step times and estimated latency (flags given here win)",
-    )
-    g.add_argument(
-        "--sweep",
-        action="append",
-        metavar="KEY=V1,V2",
-        help="sweep a spec or simulation key over values (repeatable: the grid is the product)",
-    )
-    g.add_argument(
-        "--target-loss",
-        type=float,
-        metavar="X",
-        help="report gradients and virtual time until the evaluated loss first reaches X (not a stop rule)",
-    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -69,7 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train with DASGD. On one machine it starts --workers processes itself; "
         "under torchrun each process is one worker.",
     )
-    _add_spec_flags(train)
+    add_spec_flags(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
     simulate = sub.add_parser(
@@ -79,8 +57,8 @@ def build_parser() -> argparse.ArgumentParser:
         "from the simulation flags (or the spec file's simulation: section). With --sweep, run a grid of "
         "simulations and write one table and plots. See docs/simulator.md.",
     )
-    _add_spec_flags(simulate)
-    _add_simulation_flags(simulate)
+    add_spec_flags(simulate)
+    add_simulation_flags(simulate)
     simulate.add_argument("--no-progress", action="store_true", help="no progress bar")
     simulate.add_argument("--json", action="store_true", help="print the summary (a sweep: its rows) as JSON")
     report = sub.add_parser("report", help="rebuild metrics.csv, plots and report.md of a run directory")
@@ -94,89 +72,11 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The run settings given as flags (None where not given)."""
-    from dasgd.experiments.settings import values_from_args
-    from dasgd.experiments.spec import RunSpec
-
-    return values_from_args(args, RunSpec)
-
-
 def _spec_from_args(args: argparse.Namespace) -> Any:
     from dasgd.experiments.spec import load_spec_file, resolve_spec
 
     values = load_spec_file(args.spec) if args.spec else {}
-    return resolve_spec(values, **_overrides(args))
-
-
-def _simulation_overrides(args: argparse.Namespace) -> dict[str, Any]:
-    """The simulation flags as a mapping merged over the spec file's simulation section."""
-    from dasgd.experiments.settings import values_from_args
-    from dasgd.experiments.simspec import SimSpec
-
-    return values_from_args(args, SimSpec)
-
-
-def _simulation_values(args: argparse.Namespace) -> dict[str, Any]:
-    """The spec file's values, with --calibrate's settings over its simulation section (flags still win)."""
-    from dasgd.experiments.spec import SpecError, load_spec_file
-
-    values = load_spec_file(args.spec) if args.spec else {}
-    if args.calibrate:
-        from dasgd.sim.calibrate import calibration
-        from dasgd.sim.models import ModelError
-
-        section = values.get("simulation") or {}
-        if not isinstance(section, dict):
-            raise SpecError("simulation", "must be a mapping of simulation keys")
-        try:
-            values = {**values, "simulation": {**section, **calibration(args.calibrate)}}
-        except ModelError as exc:
-            raise SpecError("--calibrate", str(exc)) from None
-    return values
-
-
-def _default_run_dir(task: str) -> Path:
-    stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{task}-{stamp}"
-
-
-def _progress_printer(spec: Any, enabled: bool):
-    """A tqdm bar over the run's budget, fed with every worker's progress."""
-    if not enabled:
-        return None, lambda: None
-    from tqdm import tqdm
-
-    if spec.max_gradients is not None:
-        bar = tqdm(total=spec.max_gradients, unit="grad", desc="training", dynamic_ncols=True)
-        unit = "gradients"
-    else:
-        bar = tqdm(
-            total=spec.max_seconds,
-            unit="s",
-            desc="training",
-            dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}{postfix}]",
-        )
-        unit = "seconds"
-
-    def update(seen: list[dict]) -> None:
-        applied = max((s.get("applied", 0) for s in seen), default=0)
-        value = applied if unit == "gradients" else max((s.get("time", 0.0) for s in seen), default=0.0)
-        if bar.total is not None:
-            value = min(value, bar.total)
-        bar.n = value
-        post = {"computed": "/".join(str(s.get("computed", 0)) for s in seen)}
-        acc = seen[0].get("test_accuracy") if seen else None
-        if acc is not None:
-            post["acc"] = f"{acc:.3f}"
-        phases = {s.get("phase") for s in seen}
-        if phases - {"training", "starting"}:
-            post["phase"] = "draining"
-        bar.set_postfix(post, refresh=False)
-        bar.refresh()
-
-    return update, bar.close
+    return resolve_spec(values, **spec_overrides(args))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -187,15 +87,15 @@ def _train(args: argparse.Namespace) -> int:
         return _train_as_torchrun_rank(args, spec)
     import dataclasses
 
-    from dasgd.metrics.report import format_summary
-    from dasgd.runtime.build import build_task, resolve
-    from dasgd.runtime.launcher import launch_local
+    from dasgd.runs.build import build_task, resolve
+    from dasgd.runs.launcher import launch_local
+    from dasgd.runs.report import format_summary
 
-    run_dir = Path(spec.run_dir) if spec.run_dir else _default_run_dir(spec.task)
+    run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(spec.task)
     spec = dataclasses.replace(spec, run_dir=str(run_dir))
     resolve(spec)  # topology errors surface here, before any process starts
     build_task(spec)  # a missing dataset is reported here, with its install command
-    update, close = _progress_printer(spec, not args.no_progress and sys.stderr.isatty())
+    update, close = progress_printer(spec, not args.no_progress and sys.stderr.isatty())
     try:
         summary = launch_local(spec, run_dir, on_progress=update)
     finally:
@@ -222,8 +122,8 @@ def _train(args: argparse.Namespace) -> int:
 def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:
     import dataclasses
 
-    from dasgd.metrics.report import format_summary
-    from dasgd.runtime.entry import run_process
+    from dasgd.runs.entry import run_process
+    from dasgd.runs.report import format_summary
 
     world = int(os.environ["WORLD_SIZE"])
     if args.workers is None and spec.workers != world:
@@ -238,50 +138,6 @@ def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:
         print(format_summary(summary))
         print(f"run directory: {run_dir}")
     return EXIT_OK
-
-
-def _simulation_progress(spec: Any, enabled: bool):
-    """A tqdm bar over the run's budget in gradients (or virtual seconds), fed by the simulator."""
-    if not enabled:
-        return None, lambda final=None: None
-    from tqdm import tqdm
-
-    by_gradients = spec.max_gradients is not None or spec.max_seconds is None
-    if by_gradients:
-        bar = tqdm(total=spec.max_gradients, unit="grad", desc="simulating", dynamic_ncols=True)
-    else:
-        bar = tqdm(
-            total=spec.max_seconds,
-            desc="simulating",
-            dynamic_ncols=True,
-            bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} virtual s [{elapsed}{postfix}]",
-        )
-
-    def update(progress: dict) -> None:
-        if "phase" in progress:  # the simulation is over; what follows is bookkeeping
-            bar.set_description(progress["phase"], refresh=False)
-        value = progress.get("computed", 0) if by_gradients else progress.get("time", 0.0)
-        bar.n = min(value, bar.total) if bar.total is not None else value
-        post = {"t": f"{progress.get('time', 0.0):.3g}s", "training": progress.get("training", 0)}
-        for key in ("test_accuracy", "loss", "test_loss"):
-            if progress.get(key) is not None:
-                post[key.replace("test_", "")] = f"{progress[key]:.4g}"
-        bar.set_postfix(post, refresh=False)
-        bar.refresh()
-
-    def close(final: dict | None = None) -> None:
-        if final is not None:  # progress arrives every few thousand events: show where the run ended
-            update(final)
-        bar.close()
-
-    return update, close
-
-
-def _plain(obj: Any) -> Any:
-    """JSON for the numpy scalars and arrays a summary may hold."""
-    if hasattr(obj, "tolist"):
-        return obj.tolist()
-    raise TypeError(f"not JSON-serialisable: {type(obj).__name__}")
 
 
 def _modelled_failures(spec: Any) -> bool:
@@ -305,15 +161,6 @@ def _check_target_loss(args: argparse.Namespace) -> None:
         )
 
 
-def _check_trace(spec: Any) -> None:
-    """A missing trace file is bad input: say so before anything runs, naming the flag."""
-    from dasgd.experiments.spec import SpecError
-
-    sim = spec.simulation
-    if sim.compute == "trace" and sim.trace is not None and not Path(sim.trace).is_file():
-        raise SpecError("--trace", f"{sim.trace!r} does not exist; give a run's events.jsonl or a text file")
-
-
 def _simulate(args: argparse.Namespace) -> int:
     from dasgd.sim.models import ModelError
 
@@ -330,16 +177,16 @@ def _simulate_one(args: argparse.Namespace) -> int:
     import dataclasses
 
     from dasgd.experiments.spec import resolve_spec
-    from dasgd.metrics.report import format_summary, format_value
-    from dasgd.runtime.simulate import simulate
+    from dasgd.runs.report import format_summary, format_value
+    from dasgd.runs.simulate import simulate
 
     _check_target_loss(args)
-    values = _simulation_values(args)
-    spec = resolve_spec(values, simulate=True, **_overrides(args), simulation=_simulation_overrides(args))
-    run_dir = Path(spec.run_dir) if spec.run_dir else _default_run_dir(f"sim-{spec.task}")
+    values = simulation_values(args)
+    spec = resolve_spec(values, simulate=True, **spec_overrides(args), simulation=simulation_overrides(args))
+    run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(f"sim-{spec.task}")
     spec = dataclasses.replace(spec, run_dir=str(run_dir))
-    _check_trace(spec)
-    update, close = _simulation_progress(spec, not args.no_progress and sys.stderr.isatty())
+    check_trace(spec)
+    update, close = simulation_progress(spec, not args.no_progress and sys.stderr.isatty())
     summary = None
     try:
         summary = simulate(spec, run_dir, on_progress=update)
@@ -351,8 +198,8 @@ def _simulate_one(args: argparse.Namespace) -> int:
             else {"computed": summary["gradients_computed"], "time": sim_facts.get("virtual_end_s", 0.0)}
         )
     if args.target_loss is not None:
-        from dasgd.experiments.sweep import loss_to_target
         from dasgd.metrics.eventlog import read_event_log
+        from dasgd.runs.sweep import loss_to_target
 
         grads, when = loss_to_target(
             read_event_log(run_dir / "events.jsonl", clocks=False).evals, args.target_loss
@@ -360,7 +207,7 @@ def _simulate_one(args: argparse.Namespace) -> int:
         summary["target_loss"] = args.target_loss
         summary["gradients_to_target"], summary["time_to_target_s"] = grads, when
     if args.json:
-        print(json.dumps(summary, indent=2, default=_plain))
+        print(json.dumps(summary, indent=2, default=plain))
     else:
         sim = summary.get("simulation", {})
         print(format_summary(summary))
@@ -405,19 +252,19 @@ def _simulate_one(args: argparse.Namespace) -> int:
 
 def _sweep(args: argparse.Namespace) -> int:
     from dasgd.experiments.spec import resolve_spec
-    from dasgd.experiments.sweep import format_sweep_table, plan_sweep, run_sweep
-    from dasgd.runtime.build import build_task
+    from dasgd.runs.build import build_task
+    from dasgd.runs.sweep import format_sweep_table, plan_sweep, run_sweep
 
     _check_target_loss(args)
-    values = _simulation_values(args)
-    overrides = {**_overrides(args), "simulation": _simulation_overrides(args)}
+    values = simulation_values(args)
+    overrides = {**spec_overrides(args), "simulation": simulation_overrides(args)}
     # The base spec alone first: its errors name their own flag, not --sweep.
     base = resolve_spec(values, simulate=True, **overrides)
-    run_dir = Path(base.run_dir) if base.run_dir else _default_run_dir(f"sweep-{base.task}")
+    run_dir = Path(base.run_dir) if base.run_dir else default_run_dir(f"sweep-{base.task}")
     plan = plan_sweep(values, overrides, args.sweep, run_dir, target_loss=args.target_loss)
     checked: set[str] = set()
     for point in plan.points:
-        _check_trace(point.spec)
+        check_trace(point.spec)
         if point.spec.task not in checked:
             build_task(point.spec)  # a missing dataset is reported here, with its install command
             checked.add(point.spec.task)
@@ -443,7 +290,7 @@ def _sweep(args: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if args.json:
-        print(json.dumps(outcome.rows, indent=2, default=_plain))
+        print(json.dumps(outcome.rows, indent=2, default=plain))
     else:
         print(format_sweep_table(outcome.rows, [a.key for a in plan.axes]))
         print(
@@ -463,7 +310,7 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dasgd.runtime.results import render_run_dir
+    from dasgd.runs.results import render_run_dir
 
     run_dir = Path(args.run_dir)
     if not (run_dir / "events.jsonl").is_file():

@@ -1,5 +1,5 @@
 """`dasgd compare`: run several algorithms on one spec and answer "which reaches my target first, and by how
-much" with a table, plots and a short report (the library side is :mod:`dasgd.experiments.compare`).
+much" with a table, plots and a short report (the library side is :mod:`dasgd.runs.compare`).
 
     dasgd compare [SPEC] --algorithms dasgd,sync,ps-asgd,local-sgd,gossip [--simulate] [--straggler 1x4]
                   [--out DIR] [--seeds 0 1 2] [train flags: --task, --workers, --max-seconds, ...]
@@ -17,20 +17,20 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from dasgd.cli import (
+from dasgd.cli_common import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    _add_simulation_flags,
-    _add_spec_flags,
-    _check_trace,
-    _default_run_dir,
-    _overrides,
-    _plain,
-    _progress_printer,
-    _simulation_overrides,
-    _simulation_progress,
-    _simulation_values,
+    add_simulation_flags,
+    add_spec_flags,
+    check_trace,
+    default_run_dir,
+    plain,
+    progress_printer,
+    simulation_overrides,
+    simulation_progress,
+    simulation_values,
+    spec_overrides,
 )
 
 __all__ = ["add_compare_parser", "run_compare"]
@@ -68,8 +68,8 @@ def add_compare_parser(subparsers: Any) -> argparse.ArgumentParser:
         metavar="S",
         help="run every algorithm once per seed (e.g. --seeds 0 1 2); rows are medians over seeds",
     )
-    _add_spec_flags(p)
-    _add_simulation_flags(p)
+    add_spec_flags(p)
+    add_simulation_flags(p)
     p.add_argument("--no-progress", action="store_true", help="no progress bar within each run")
     p.add_argument("--json", action="store_true", help="print the per-algorithm rows as JSON")
     return p
@@ -100,7 +100,7 @@ def _check_flags(args: argparse.Namespace) -> None:
     if args.seeds is not None and args.seed is not None:
         raise SpecError("--seeds", "give the seeds either with --seeds or with --seed, not both")
     if not args.simulate:
-        given = [k for k, v in _simulation_overrides(args).items() if v is not None]
+        given = [k for k, v in simulation_overrides(args).items() if v is not None]
         if args.calibrate:
             given.insert(0, "calibrate")
         if given:
@@ -115,9 +115,9 @@ def _run_one(args: argparse.Namespace, simulate: bool, show: bool):
 
     def run(spec: Any, run_dir: Path) -> dict[str, Any]:
         if simulate:
-            from dasgd.runtime.simulate import simulate as run_simulated
+            from dasgd.runs.simulate import simulate as run_simulated
 
-            update, close = _simulation_progress(spec, show)
+            update, close = simulation_progress(spec, show)
             summary = None
             try:
                 summary = run_simulated(spec, run_dir, on_progress=update)
@@ -129,9 +129,9 @@ def _run_one(args: argparse.Namespace, simulate: bool, show: bool):
                     else {"computed": summary["gradients_computed"], "time": sim.get("virtual_end_s", 0.0)}
                 )
             return summary
-        from dasgd.runtime.launcher import launch_local
+        from dasgd.runs.launcher import launch_local
 
-        update, close = _progress_printer(spec, show)
+        update, close = progress_printer(spec, show)
         try:
             return launch_local(spec, run_dir, on_progress=update)
         finally:
@@ -162,7 +162,9 @@ def run_compare(args: argparse.Namespace) -> int:
 
 def _compare(args: argparse.Namespace) -> int:
     from dasgd.algorithms import ALGORITHMS
-    from dasgd.experiments.compare import (
+    from dasgd.experiments.spec import RunSpec, load_spec_file
+    from dasgd.runs.build import build_task
+    from dasgd.runs.compare import (
         compare_verdict,
         format_compare_table,
         parse_algorithms,
@@ -170,24 +172,22 @@ def _compare(args: argparse.Namespace) -> int:
         plan_comparison,
         run_comparison,
     )
-    from dasgd.experiments.spec import RunSpec, load_spec_file
-    from dasgd.runtime.build import build_task
 
     _check_flags(args)
     algorithms = parse_algorithms(args.algorithms if args.algorithms is not None else list(ALGORITHMS))
     seeds = parse_seeds(args.seeds) if args.seeds is not None else None
     args.spec = _spec_path(args)  # the helpers of `simulate` read the file from args.spec
     if args.simulate:
-        values = _simulation_values(args)
+        values = simulation_values(args)
     else:
         values = load_spec_file(args.spec) if args.spec else {}
-    overrides = _overrides(args)
+    overrides = spec_overrides(args)
     out = args.out if args.out is not None else overrides.get("run_dir")
     overrides.pop("run_dir", None)
     if args.simulate:
-        overrides["simulation"] = _simulation_overrides(args)
+        overrides["simulation"] = simulation_overrides(args)
     task = overrides.get("task") or values.get("task") or RunSpec.task
-    out_dir = Path(out) if out else _default_run_dir(f"compare-{task}")
+    out_dir = Path(out) if out else default_run_dir(f"compare-{task}")
     plan = plan_comparison(
         values,
         overrides,
@@ -198,7 +198,7 @@ def _compare(args: argparse.Namespace) -> int:
         target_loss=args.target_loss,
     )
     if args.simulate:
-        _check_trace(plan.base)
+        check_trace(plan.base)
     build_task(plan.base)  # a missing dataset is reported here, before any run starts
     show = not args.no_progress and sys.stderr.isatty()
     mode = "simulated" if plan.simulate else "real"
@@ -215,7 +215,7 @@ def _compare(args: argparse.Namespace) -> int:
 
     outcome = run_comparison(plan, run_one=_run_one(args, plan.simulate, show), on_run=on_run)
     if args.json:
-        _say(json.dumps(outcome.rows, indent=2, default=_plain))
+        _say(json.dumps(outcome.rows, indent=2, default=plain))
     else:
         _say(format_compare_table(outcome.rows, plan.time_unit))
         verdict = compare_verdict(

@@ -1,8 +1,8 @@
 """`dasgd theory`: a run against the paper's bounds, or the theory sweep on the quadratic.
 
 ``dasgd theory RUN_DIR`` prints the run's theory section and writes ``RUN_DIR/theory.md`` and
-``RUN_DIR/plots/theory_grad_norm.png`` (dasgd.metrics.theory_report). ``dasgd theory --sweep [--out DIR]``
-runs the simulated sweep of dasgd.experiments.theory_sweep. Exit codes: 0 done, 2 bad input (the message names
+``RUN_DIR/plots/theory_grad_norm.png`` (dasgd.runs.theory_report). ``dasgd theory --sweep [--out DIR]``
+runs the simulated sweep of dasgd.runs.theory_sweep. Exit codes: 0 done, 2 bad input (the message names
 the fix).
 """
 
@@ -77,7 +77,7 @@ def _error(message: str) -> int:
 
 
 def _run_dir(args: argparse.Namespace) -> int:
-    from dasgd.metrics.theory_report import TheoryReportError, format_theory, write_theory
+    from dasgd.runs.theory_report import TheoryReportError, format_theory, write_theory
 
     try:
         result, files = write_theory(args.run_dir)
@@ -89,7 +89,7 @@ def _run_dir(args: argparse.Namespace) -> int:
 
 
 def _sweep(args: argparse.Namespace) -> int:
-    from dasgd.experiments.theory_sweep import (
+    from dasgd.runs.theory_sweep import (
         TheorySweepConfig,
         TheorySweepError,
         config_with,

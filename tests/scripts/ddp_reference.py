@@ -14,7 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from dasgd.experiments.spec import resolve_spec
-from dasgd.runtime.build import build_sampler, build_task, resolve
+from dasgd.runs.build import build_sampler, build_task, resolve
 
 
 def main() -> None:

@@ -183,7 +183,7 @@ class DecentralizedSGD:
 
     def _compare(self) -> FinishReport:
         from dasgd.core.ledger import compute_staleness
-        from dasgd.runtime.results import replica_tolerance
+        from dasgd.metrics.agreement import replica_tolerance
 
         g = self.session.collective_group
         w = self.worker

@@ -92,7 +92,7 @@ class Task(ABC):
         """Metrics of ``model``, computed without modifying the model (no parameter or ``.grad`` changes).
 
         ``full=False`` allows a cheaper estimate on fixed subsets (for checks during training). Besides its own
-        metrics, every task reports what the convergence theory needs (dasgd.metrics.theory_report):
+        metrics, every task reports what the convergence theory needs (dasgd.runs.theory_report):
         ``grad_norm_sq``, the squared norm of the full gradient of the training objective at ``model``, and
         the training objective itself, as ``train_loss`` (or ``loss`` where that is the training objective,
         as for the quadratic). Both are computed on the same fixed data whatever ``full`` is.

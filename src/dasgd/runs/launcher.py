@@ -26,7 +26,7 @@ from torch.distributed import TCPStore
 
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
-from dasgd.runtime.results import run_log, summarize, write_run_outputs
+from dasgd.runs.results import run_log, summarize, write_run_outputs
 
 __all__ = ["RunFailed", "launch_local", "host_store", "store_env"]
 
@@ -120,7 +120,7 @@ def launch_local(
             log_files.append(log)
             procs.append(
                 subprocess.Popen(
-                    [sys.executable, "-m", "dasgd.runtime.entry", str(run_dir)],
+                    [sys.executable, "-m", "dasgd.runs.entry", str(run_dir)],
                     env=env,
                     stdout=log,
                     stderr=subprocess.STDOUT,

@@ -250,7 +250,7 @@ def plan_sweep(
     Raises:
         SpecError: a bad base spec (naming its flag), or a bad sweep (naming ``--sweep`` and the key).
     """
-    from dasgd.runtime.build import resolve
+    from dasgd.runs.build import resolve
 
     base = resolve_spec(dict(values), simulate=True, **_with_values(overrides, {}))
     parsed = [parse_sweep(s) for s in sweeps]
@@ -433,7 +433,7 @@ def run_sweep(
             reports its own peak memory. It is process-wide; pass False if something else reads it.
     """
     if run_point is None:
-        from dasgd.runtime.simulate import simulate as run_point
+        from dasgd.runs.simulate import simulate as run_point
     plan.run_dir.mkdir(parents=True, exist_ok=True)
     (plan.run_dir / "sweep.yaml").write_text(_plan_yaml(plan))
     outcome = SweepOutcome(rows=[])
@@ -513,7 +513,7 @@ def _target_text(plan: SweepPlan) -> str:
 
 def write_sweep_outputs(plan: SweepPlan, rows: Sequence[Mapping[str, Any]]) -> list[Path]:
     """Write ``sweep.csv``, ``sweep.md`` and ``plots/sweep_<key>.png`` into the sweep's directory."""
-    from dasgd.metrics.report import format_value
+    from dasgd.runs.report import format_value
     from dasgd.metrics.sweep_plots import plot_sweep
 
     files = [_write_csv(plan, rows)]
@@ -559,7 +559,7 @@ def write_sweep_outputs(plan: SweepPlan, rows: Sequence[Mapping[str, Any]]) -> l
 
 def format_sweep_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -> str:
     """A fixed-width text table of the headline columns, for the terminal (no trailing newline)."""
-    from dasgd.metrics.report import format_value
+    from dasgd.runs.report import format_value
 
     columns = [
         *keys,

@@ -288,7 +288,7 @@ def write_report(run_dir: str | os.PathLike[str], *, log: EventLog | None = None
     lines += ["", "## Per worker", ""]
     lines += _per_worker_lines(summary.get("per_worker"))
     lines.append("")
-    from dasgd.metrics.theory_report import report_section  # imports torch: only when a report is written
+    from dasgd.runs.theory_report import report_section  # imports torch: only when a report is written
 
     lines += report_section(run_dir, log=log)
     plot_lines = _plot_lines(run_dir)

@@ -1,6 +1,6 @@
 """`dasgd simulate`: build a run's workers exactly as a real run does, and drive them in virtual time.
 
-The worker, algorithm, topology, task and stop rules are the real ones (runtime/build.py, worker/rules.py);
+The worker, algorithm, topology, task and stop rules are the real ones (runs/build.py, worker/rules.py);
 only the clock, the transport and the scheduling come from dasgd.sim. The run directory has the same files
 as a real run, with virtual time on every time axis.
 """
@@ -19,8 +19,8 @@ import numpy as np
 from dasgd.core.ledger import keep_clock_rows
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
-from dasgd.runtime.build import Resolved, build_sampler, build_task, build_worker, resolve, stop_policy
-from dasgd.runtime.results import run_log, summarize, worker_shard, write_run_outputs
+from dasgd.runs.build import Resolved, build_sampler, build_task, build_worker, resolve, stop_policy
+from dasgd.runs.results import run_log, summarize, worker_shard, write_run_outputs
 from dasgd.sim.engine import SimOutcome, Simulation
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel, read_step_trace
 from dasgd.tasks import Task

@@ -21,10 +21,10 @@ import torch
 from dasgd.core.ledger import StalenessLedger
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
-from dasgd.runtime.build import build_task, build_worker, resolve, secret_key, stop_policy
+from dasgd.runs.build import build_task, build_worker, resolve, secret_key, stop_policy
 from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import WorkerLoop
-from dasgd.runtime.results import run_log, summarize, worker_shard, write_run_outputs
+from dasgd.runs.results import run_log, summarize, worker_shard, write_run_outputs
 from dasgd.runtime.session import DistributedSession
 from dasgd.transport.torchdist import TorchDistTransport
 
@@ -163,12 +163,12 @@ def run_process(
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m dasgd.runtime.entry RUN_DIR``: run one worker of the run whose spec is RUN_DIR/spec.yaml."""
+    """``python -m dasgd.runs.entry RUN_DIR``: run one worker of the run whose spec is RUN_DIR/spec.yaml."""
     from dasgd.experiments.spec import load_spec_file, resolve_spec
 
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        sys.stderr.write("usage: python -m dasgd.runtime.entry RUN_DIR\n")
+        sys.stderr.write("usage: python -m dasgd.runs.entry RUN_DIR\n")
         return 2
     run_dir = Path(args[0])
     spec = resolve_spec(load_spec_file(run_dir / "spec.yaml"))

@@ -13,7 +13,7 @@ seed, everything else equal. Each run is a full run directory (``OUT/<algorithm>
 ``compare.yaml``      the plan: algorithms, seeds, mode and the base spec
 
 Resume: a run whose directory already holds ``summary.json`` and ``report.md`` and whose ``spec.yaml``
-resolves to the same spec is read back, not run again (:func:`dasgd.experiments.sweep.finished_summary`);
+resolves to the same spec is read back, not run again (:func:`dasgd.runs.sweep.finished_summary`);
 any other run, including one interrupted half-way, is run again from the start. So an interrupted comparison restarts
 with the same command and the same ``OUT``.
 
@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 from dasgd.experiments.spec import RunSpec, SpecError, flag_name, resolve_spec
-from dasgd.experiments.sweep import csv_cell, finished_summary, loss_to_target
+from dasgd.runs.sweep import csv_cell, finished_summary, loss_to_target
 
 __all__ = [
     "COMPARE_COLUMNS",
@@ -248,7 +248,7 @@ def plan_comparison(
     Raises:
         SpecError: a bad base spec (naming its flag), an unknown algorithm, bad seeds or a bad target.
     """
-    from dasgd.runtime.build import resolve
+    from dasgd.runs.build import resolve
 
     names = parse_algorithms(algorithms)
     overrides = dict(overrides)
@@ -423,7 +423,7 @@ class Verdict:
 
 
 def _fmt(value: Any) -> str:
-    from dasgd.metrics.report import format_value
+    from dasgd.runs.report import format_value
 
     return format_value(value)
 
@@ -668,10 +668,10 @@ def _clear_markers(run_dir: Path) -> None:
 
 def _default_runner(simulate: bool) -> Callable[[RunSpec, Path], Mapping[str, Any]]:
     if simulate:
-        from dasgd.runtime.simulate import simulate as run_simulated
+        from dasgd.runs.simulate import simulate as run_simulated
 
         return run_simulated
-    from dasgd.runtime.launcher import launch_local
+    from dasgd.runs.launcher import launch_local
 
     return launch_local
 
@@ -686,7 +686,7 @@ def run_comparison(
     Args:
         plan: from :func:`plan_comparison`.
         run_one: runs one spec into its run directory and returns its summary (default: real worker
-            processes, :func:`dasgd.runtime.launcher.launch_local`, or the simulator when ``plan.simulate``).
+            processes, :func:`dasgd.runs.launcher.launch_local`, or the simulator when ``plan.simulate``).
         on_run: called as ``on_run(run, i, n, status)`` (``i`` counts from 1) with status ``"running"``
             before each run and ``"ran"``, ``"reused"`` or ``"failed"`` after it.
 

@@ -170,7 +170,7 @@ def _build(values: dict[str, Any]) -> tuple[Any, Any]:
     import dataclasses
 
     from dasgd.experiments.spec import RunSpec, resolve_spec
-    from dasgd.runtime.build import build_task
+    from dasgd.runs.build import build_task
 
     known = {f.name for f in dataclasses.fields(RunSpec)}
     spec = resolve_spec({k: v for k, v in values.items() if k in known}, simulate=True)
@@ -306,7 +306,7 @@ def analyze_run(run_dir: str | os.PathLike[str], *, seed: int = 0, log: EventLog
         spec, task = _build(values)
     except ValueError as exc:  # SpecError, TaskError, DatasetMissing: each names its fix
         raise TheoryReportError(f"cannot rebuild the run's task from spec.yaml: {exc}") from exc
-    from dasgd.runtime.build import resolve
+    from dasgd.runs.build import resolve
 
     resolved = resolve(spec)
     eta = float(summary.get("lr") or resolved.lr)
@@ -426,7 +426,7 @@ def plot_theory(result: RunTheory, path: str | os.PathLike[str]) -> Path:
 
 
 def _fmt(value: Any) -> str:
-    from dasgd.metrics.report import format_value
+    from dasgd.runs.report import format_value
 
     return format_value(value)
 

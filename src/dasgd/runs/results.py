@@ -15,9 +15,10 @@ import numpy as np
 
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.eventlog import EVAL_RESERVED_KEYS, EventLog
+from dasgd.metrics.agreement import replica_tolerance
 from dasgd.metrics.shard import WorkerShard
 
-__all__ = ["run_log", "summarize", "write_run_outputs", "replica_tolerance", "render_run_dir", "worker_shard"]
+__all__ = ["run_log", "summarize", "write_run_outputs", "render_run_dir", "worker_shard"]
 
 
 def worker_shard(
@@ -75,17 +76,6 @@ def worker_shard(
     )
 
 
-def replica_tolerance(dtype: np.dtype, gradients: int) -> float:
-    """Relative parameter difference still counted as agreement between replicas.
-
-    Replicas hold the same gradient SET but add it up in different orders, and float addition is not
-    associative: the rounding differences grow like sqrt(T) unit roundoffs (random-walk accumulation), with
-    a generous factor 64 for correlated rounding.
-    """
-    eps = float(np.finfo(dtype).eps)
-    return 64.0 * eps * max(1.0, float(np.sqrt(max(1, gradients))))
-
-
 def summarize(
     spec: RunSpec,
     shards: list[WorkerShard],
@@ -96,7 +86,7 @@ def summarize(
     *,
     log: EventLog,
 ) -> dict[str, Any]:
-    """The run's summary.json content (keys documented in dasgd.metrics.report).
+    """The run's summary.json content (keys documented in dasgd.runs.report).
 
     ``shards`` holds one shard per worker that finished; a worker that died leaves none. Its gradient count
     is then known only as the most any survivor holds, and the gradients some survivors hold and others do
@@ -338,7 +328,7 @@ def render_run_dir(run_dir: Path, log: EventLog | None = None) -> None:
     memory) and summary.json."""
     from dasgd.metrics.eventlog import read_event_log, write_metrics_csv
     from dasgd.metrics.plots import plot_run
-    from dasgd.metrics.report import write_report
+    from dasgd.runs.report import write_report
 
     if log is None:
         log = read_event_log(run_dir / "events.jsonl")

@@ -253,7 +253,7 @@ def _spec(config: TheorySweepConfig, setting: tuple[int, float, float], lr: floa
 
 def _simulate(spec: Any) -> tuple[StalenessStats, list[dict[str, Any]], np.ndarray]:
     """Run ``spec`` in the simulator without writing a run directory: staleness, evaluations, gradient ends."""
-    from dasgd.runtime.simulate import build_simulation
+    from dasgd.runs.simulate import build_simulation
 
     engine, _, _ = build_simulation(spec)
     outcome = engine.run()
@@ -452,7 +452,7 @@ def _plot(result: TheorySweepResult, path: Path) -> Path:
 def _write_outputs(
     result: TheorySweepResult, out: Path, *, f0: float, lip: float, sigma_sq: float
 ) -> list[Path]:
-    from dasgd.metrics.report import format_value as fv
+    from dasgd.runs.report import format_value as fv
 
     out.mkdir(parents=True, exist_ok=True)
     table = out / "theory_sweep.csv"
