@@ -275,3 +275,25 @@ def test_sync_matches_pytorch_ddp_parameter_for_parameter(tmp_path):
     for r in range(n):
         ddp = torch.from_numpy(np.load(tmp_path / f"r{r}.npy"))
         torch.testing.assert_close(sync[r].params, ddp.to(sync[r].params.dtype), rtol=1e-5, atol=1e-6)
+
+
+def test_algorithms_never_write_the_replica_or_its_clock_themselves():
+    """Plug-ins ask the Worker for every update (apply_step, apply_model, apply_average, merge_clock,
+    adopt_clock), so the exactly-once bookkeeping has one owner. A write in an algorithm module fails here."""
+    import re
+
+    writes = re.compile(
+        r"params\.(add_|sub_|mul_|div_|copy_|zero_|fill_)\(|clock\[[^\]]*\]\s*=[^=]|out=[^)]*clock|\.clock\s*=[^=]"
+    )
+    folder = Path(__file__).resolve().parent.parent / "src" / "dasgd" / "algorithms"
+    found = [
+        f"{path.name}:{n}: {line.strip()}"
+        for path in sorted(folder.glob("*.py"))
+        for n, line in enumerate(path.read_text().splitlines(), 1)
+        if writes.search(line)
+    ]
+    assert found == [], found
+    # The scan itself can fail: the forms it looks for are the ones the algorithms used to write.
+    assert writes.search("w.params.add_(msg.payload, alpha=-w.lr)")
+    assert writes.search("w.clock[:] = msg.clock")
+    assert writes.search("np.maximum(self.worker.clock, other, out=self.worker.clock)")

@@ -139,7 +139,7 @@ def test_a_model_average_with_the_wrong_weights_is_caught(tmp_path, monkeypatch)
 
     def lopsided(self, msg):  # noqa: ANN001, ANN202 - keeps 60% of its own replica instead of half
         self.worker.params.mul_(0.6).add_(msg.payload, alpha=0.4)
-        self.merge_clock(msg.clock)
+        self.worker.merge_clock(msg.clock)
 
     monkeypatch.setattr(GossipAveraging, "_average", lopsided)
     run_in_process(tmp_path, "gossip")

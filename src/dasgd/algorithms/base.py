@@ -17,7 +17,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, ClassVar
 
-import numpy as np
 import torch
 
 from dasgd.core.message import Kind, Message
@@ -140,15 +139,6 @@ class Algorithm:
         w = self.worker
         data = w.params.detach().clone() if payload is None else payload
         return Message(Kind.MODEL, w.rank, w.rank, lo, hi, data, w.clock.copy())
-
-    def merge_clock(self, other: np.ndarray | None) -> None:
-        """After averaging with a model whose gradient set is ``other``: hold the union (element-wise max).
-
-        For model averaging the replica holds a weighted mix of gradients; the clock then says which gradient
-        ids have a non-zero weight in it. That is what the staleness ledger uses for averaging methods.
-        """
-        if other is not None and len(other) == len(self.worker.clock):
-            np.maximum(self.worker.clock, other, out=self.worker.clock)
 
 
 class KeyedSums:

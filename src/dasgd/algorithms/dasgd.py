@@ -11,8 +11,6 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-import torch
-
 from dasgd.algorithms.base import Algorithm
 
 if TYPE_CHECKING:
@@ -29,21 +27,13 @@ class DASGD(Algorithm):
     faithful = True
     commutes = True
 
-    def local_update(self, params: torch.Tensor, grad: torch.Tensor, lr: float) -> None:
-        """Apply this worker's own fresh gradient to ``params`` in place."""
-        params.add_(grad, alpha=-lr)
-
-    def remote_update(self, params: torch.Tensor, grad_sum: torch.Tensor, lr: float, count: int) -> None:
-        """Apply the sum of ``count`` gradients received from a peer to ``params`` in place."""
-        params.add_(grad_sum, alpha=-lr)
-
     def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
         w = self.worker
-        self.local_update(w.params, gradient.grad, w.lr)
+        w.apply_step(gradient.grad, w.lr)
         return w.push_gradient(index, gradient)
 
     def on_gradient(self, msg: Message) -> list[Outgoing]:
         w = self.worker
         assert msg.payload is not None  # checked by the worker
-        self.remote_update(w.params, msg.payload, w.lr, msg.count)
+        w.apply_step(msg.payload, w.lr)
         return []

@@ -43,7 +43,7 @@ class GossipAveraging(Algorithm):
 
     def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
         w = self.worker
-        w.params.add_(gradient.grad, alpha=-w.lr)
+        w.apply_step(gradient.grad, w.lr)
         if self._partner is not None and self._partner in w.finals():
             self._partner = None  # it stopped before answering
         if self._partner is not None or not self._neighbours:
@@ -71,5 +71,5 @@ class GossipAveraging(Algorithm):
 
     def _average(self, msg: Message) -> None:
         assert msg.payload is not None
-        self.worker.params.add_(msg.payload).mul_(0.5)
-        self.merge_clock(msg.clock)
+        self.worker.apply_average(msg.payload)
+        self.worker.merge_clock(msg.clock)

@@ -49,7 +49,7 @@ class LocalSGD(Algorithm):
 
     def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
         w = self.worker
-        w.params.add_(gradient.grad, alpha=-w.lr)
+        w.apply_step(gradient.grad, w.lr)
         if w.computed % self.local_steps:
             return []
         rnd = w.computed // self.local_steps - 1
@@ -62,7 +62,7 @@ class LocalSGD(Algorithm):
     def on_model(self, msg: Message) -> list[Outgoing]:
         assert msg.payload is not None  # checked by the worker
         self._models.add(msg.lo, msg.payload)
-        self.merge_clock(msg.clock)
+        self.worker.merge_clock(msg.clock)
         self._advance()
         return []
 
@@ -74,5 +74,5 @@ class LocalSGD(Algorithm):
         live = w.world_size - len(w.dead)
         while self._models.count(self._rounds) >= live:
             total, _ = self._models.pop(self._rounds)
-            w.params.copy_(total.div_(live))
+            w.apply_model(total.div_(live))
             self._rounds += 1

@@ -64,7 +64,7 @@ class ParameterServerASGD(Algorithm):
             w.rejected["not_server"] += 1
             return []
         assert msg.payload is not None  # checked by the worker
-        w.params.add_(msg.payload, alpha=-w.lr)
+        w.apply_step(msg.payload, w.lr)
         return [(msg.origin, self.model_message(msg.hi, msg.hi))]
 
     def on_model(self, msg: Message) -> list[Outgoing]:
@@ -73,12 +73,9 @@ class ParameterServerASGD(Algorithm):
             w.rejected["unexpected_model"] += 1
             return []
         assert msg.payload is not None
-        w.params.copy_(msg.payload)
-        if msg.clock is not None and len(msg.clock) == w.world_size:
-            # The pulled model's gradient set is the server's; it holds every gradient this worker pushed.
-            own = w.clock[w.rank]
-            w.clock[:] = msg.clock
-            w.clock[w.rank] = max(own, int(msg.clock[w.rank]))
+        w.apply_model(msg.payload)
+        # The pulled model's gradient set is the server's; it holds every gradient this worker pushed.
+        w.adopt_clock(msg.clock)
         self._awaiting = False
         return []
 

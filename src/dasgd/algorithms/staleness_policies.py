@@ -62,11 +62,11 @@ class StalenessCappedDASGD(_StalenessAware):
         w = self.worker
         assert msg.payload is not None
         if receiver_staleness(w.clock, msg) <= self.bound:
-            w.params.add_(msg.payload, alpha=-w.lr)
+            w.apply_step(msg.payload, w.lr)
             return []
         self._count("capped", msg.count)
         if self.params.cap_scale > 0:
-            w.params.add_(msg.payload, alpha=-w.lr * self.params.cap_scale)
+            w.apply_step(msg.payload, w.lr * self.params.cap_scale)
         else:
             self._count("dropped", msg.count)
         return []
@@ -83,5 +83,5 @@ class DampedDASGD(_StalenessAware):
         s = receiver_staleness(w.clock, msg)
         if s > self.bound:
             self._count("damped_below_half", msg.count)
-        w.params.add_(msg.payload, alpha=-w.lr / (1.0 + s / self.bound))
+        w.apply_step(msg.payload, w.lr / (1.0 + s / self.bound))
         return []

@@ -64,7 +64,7 @@ class SynchronousSGD(Algorithm):
         # replica holds the same gradients now, so each applies their mean and the replicas still agree.
         for step in self._steps.keys():
             total, count = self._steps.pop(step)
-            self.worker.params.add_(total, alpha=-self.worker.lr / count)
+            self.worker.apply_step(total, self.worker.lr / count)
 
     def _advance(self) -> None:
         w = self.worker
@@ -72,5 +72,5 @@ class SynchronousSGD(Algorithm):
         while self._steps.count(self._applied_steps) >= live:
             total, _ = self._steps.pop(self._applied_steps)
             # Average, as DDP does: divide the summed step by the number of contributions.
-            w.params.add_(total, alpha=-w.lr / live)
+            w.apply_step(total, w.lr / live)
             self._applied_steps += 1

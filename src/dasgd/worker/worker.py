@@ -315,6 +315,36 @@ class Worker:
         self._finals[self.rank] = self.computed
         return out + self._push(Kind.FINAL, self.computed, self.computed, None)
 
+    # -- the updates an algorithm asks for: the only writes to the replica and its clock ---------------
+    def apply_step(self, vector: torch.Tensor, scale: float) -> None:
+        """``x -= scale * vector`` (a gradient, a sum of gradients, a step's average)."""
+        self.params.add_(vector, alpha=-scale)
+
+    def apply_model(self, model: torch.Tensor) -> None:
+        """``x = model`` (a pulled or averaged model; its values are copied)."""
+        self.params.copy_(model)
+
+    def apply_average(self, model: torch.Tensor) -> None:
+        """``x = (x + model) / 2`` (pairwise model averaging)."""
+        self.params.add_(model).mul_(0.5)
+
+    def merge_clock(self, other: np.ndarray | None) -> None:
+        """After averaging with a model whose gradient set is ``other``: hold the union (element-wise max).
+
+        For model averaging the replica holds a weighted mix of gradients; the clock then says which gradient
+        ids have a non-zero weight in it. A clock of another length (or none) is ignored.
+        """
+        if other is not None and len(other) == len(self.clock):
+            np.maximum(self.clock, other, out=self.clock)
+
+    def adopt_clock(self, other: np.ndarray | None) -> None:
+        """The replica was replaced by a model whose gradient set is ``other`` (a server's): take it, keeping
+        this worker's own count (its own gradients are numbered by it, whatever the model holds)."""
+        if other is not None and len(other) == len(self.clock):
+            own = self.clock[self.rank]
+            self.clock[:] = other
+            self.clock[self.rank] = max(own, int(other[self.rank]))
+
     # -- helpers -------------------------------------------------------------------------------------
     def _receive_bundle(self, bundle: GradientBundle) -> list[Outgoing]:
         """Apply a bundle as one update when every part passes the checks ``receive`` makes one by one.
