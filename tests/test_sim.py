@@ -97,14 +97,16 @@ def test_the_simulator_drives_whatever_algorithm_the_worker_was_given():
     class HalfStepRemote(DASGD):
         name = "half-remote"
         faithful = False
+        commutes = False  # its remote step is not plain SGD's, so the Worker must not sum arrivals for it
 
-        def local_update(self, params, grad, lr):
+        def on_own(self, gradient, index):
             calls["local"] += 1
-            params.add_(grad, alpha=-lr)
+            return super().on_own(gradient, index)
 
-        def remote_update(self, params, grad_sum, lr, count):
+        def on_gradient(self, msg):
             calls["remote"] += 1
-            params.add_(grad_sum, alpha=-lr / 2)
+            self.worker.apply_step(msg.payload, self.worker.lr / 2)
+            return []
 
     spec = quad_spec(workers=3, max_gradients=60)
     task = build_task(spec)
@@ -307,7 +309,8 @@ def test_bundled_arrivals_give_the_same_run_as_one_message_at_a_time(monkeypatch
 
 
 def test_a_bundle_that_fails_a_check_goes_one_message_at_a_time():
-    from dasgd.core.message import GradientBundle, Kind, Message
+    from dasgd.core.message import Kind, Message
+    from dasgd.sim.bundles import GradientBundle
 
     spec = quad_spec(workers=3)
     task, resolved = build_task(spec), resolve(spec)

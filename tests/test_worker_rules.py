@@ -26,8 +26,9 @@ from dasgd.algorithms.gossip import GossipAveraging
 from dasgd.algorithms.local_sgd import LocalSGD
 from dasgd.algorithms.ps import ParameterServerASGD
 from dasgd.algorithms.staleness_policies import StalenessCappedDASGD
-from dasgd.core.message import GradientBundle, Kind, Message
+from dasgd.core.message import Kind, Message
 from dasgd.core.topology import complete, ring, torus
+from dasgd.sim.bundles import GradientBundle
 from dasgd.worker.audit import load_audit
 from dasgd.worker.worker import Gradient, Worker, _AllBut
 
@@ -668,7 +669,8 @@ def test_a_clean_bundle_is_applied_at_once_like_its_messages_one_by_one():
     b, calls = bundle_of(CLEAN)
     assert w.receive([b]) == []
     assert calls == []  # the vectorised path
-    assert len(w.algorithm.seen) == 2 and w.algorithm.seen[1] is b  # one update for the whole bundle
+    # The Worker applies the whole bundle as one step (DASGD commutes): the algorithm sees only the message.
+    assert len(w.algorithm.seen) == 1
     assert w.clock.tolist() == [2, 4, 0, 4]
     assert w.finals() == {0: 2, 3: 4}
     expected = expected_params(vec(0, 0, 64), vec(1, 0, 0), vec(0, 2, 0), vec(0, 0, 4), vec(8, 0, 0))
@@ -815,21 +817,22 @@ def test_a_float32_bundle_is_applied_in_the_replica_dtype():
     messages = [grad(0, 0, 1, payload=vec(0.1, 0, 0, dtype=torch.float32))]
     b, calls = bundle_of(messages)
     w.receive([b])
-    assert calls == []
-    seen = w.algorithm.seen[0]
-    assert seen.payload.dtype == F64
-    assert torch.equal(seen.payload, vec(0.1, 0, 0, dtype=torch.float32).double())
-    assert (seen.origin.tolist(), seen.lo.tolist(), seen.hi.tolist()) == ([0], [0], [1])
+    assert calls == [] and w.algorithm.seen == []  # applied by the Worker, as one step
+    assert w.params.dtype == F64
+    # The float32 payload, widened exactly, times the stepsize: what a float64 replica must hold.
+    assert torch.equal(w.params, vec(*X0) - LR * vec(0.1, 0, 0, dtype=torch.float32).double())
     assert w.clock.tolist() == [1, 0, 0, 0]
 
 
 def test_a_bundle_on_another_device_is_moved_to_the_replica_device():
     w = make(2, 4, algorithm=Recording(apply=False))
     on_meta(w)
+    applied = []
+    w.apply_step = lambda vector, scale: applied.append((vector.device.type, vector.dtype, scale))
     b, calls = bundle_of([grad(0, 0, 1)])
     w.receive([b])
-    assert calls == []
-    assert w.algorithm.seen[0].payload.device.type == "meta"
+    assert calls == [] and applied == [("meta", F64, LR)]  # moved to the replica's device before the step
+    assert w.clock.tolist() == [1, 0, 0, 0]
 
 
 # -- _AllBut ------------------------------------------------------------------------------------------

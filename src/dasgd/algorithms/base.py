@@ -63,7 +63,7 @@ class Algorithm:
     synchronous: ClassVar[bool] = False
     commutes: ClassVar[bool] = False
     """Remote gradients are applied as ``x -= eta * g`` whatever else arrived: a sum of several origins'
-    gradients may be applied at once (the simulator's GradientBundle), with the same result up to rounding."""
+    gradients may be applied at once by the Worker (the simulator's bundles), with the same result up to rounding."""
     needs_clocks: ClassVar[bool] = False
     """Messages must carry vector clocks (the algorithm reads them)."""
     coalesce_gradients: ClassVar[bool] = True

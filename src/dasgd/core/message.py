@@ -9,14 +9,13 @@ it, and a coalesced sum carries exactly the same information as its parts.
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from dataclasses import dataclass
 from enum import IntEnum
 
 import numpy as np
 import torch
 
-__all__ = ["GradientBundle", "Kind", "Message"]
+__all__ = ["Kind", "Message"]
 
 
 class Kind(IntEnum):
@@ -66,39 +65,3 @@ class Message:
     def forwarded_by(self, sender: int) -> Message:
         """The same message as sent on by ``sender`` (payload shared, not copied)."""
         return Message(self.kind, sender, self.origin, self.lo, self.hi, self.payload, self.clock)
-
-
-@dataclass(frozen=True, slots=True)
-class GradientBundle:
-    """Messages of several origins that arrived together: gradients summed into one payload, plus the
-    FINAL and STOP signals among them.
-
-    Coalescing across origins: the simulator hands a worker everything that reached it since its last poll as
-    one bundle when the algorithm's updates commute (DASGD), so applying it is one vector addition instead of
-    one per message, and every gradient's id range is kept for the exactly-once bookkeeping. Signals count
-    as arriving after the bundle's gradients (each origin's FINAL follows its gradients anyway; gradients of
-    different origins commute). A bundle never crosses a process boundary (it has no wire format).
-
-    Attributes:
-        origin, lo, hi: one entry per gradient message, in arrival order (int64 arrays).
-        payload: the sum of the gradient payloads (None when there are none).
-        final_origin, final_count: the FINAL messages' origins and counts.
-        stop: a STOP message is among them.
-        expand: returns the messages themselves, in arrival order, for the one-by-one path (used when a
-            check fails).
-    """
-
-    origin: np.ndarray
-    lo: np.ndarray
-    hi: np.ndarray
-    payload: torch.Tensor | None
-    final_origin: np.ndarray
-    final_count: np.ndarray
-    stop: bool
-    expand: Callable[[], list[Message]]
-    kind: Kind = Kind.GRADIENT
-
-    @property
-    def count(self) -> int:
-        """Number of gradients the bundle holds."""
-        return int((self.hi - self.lo).sum())

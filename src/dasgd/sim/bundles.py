@@ -12,12 +12,15 @@ as arriving after its gradients (each origin's FINAL follows its own gradients i
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 
-from dasgd.core.message import GradientBundle, Kind, Message
+from dasgd.core.message import Kind, Message
 
-__all__ = ["LogIndex", "bundled_window"]
+__all__ = ["GradientBundle", "LogIndex", "bundled_window"]
 
 
 class LogIndex:
@@ -86,6 +89,41 @@ class LogIndex:
 
 
 _GRADIENT, _FINAL, _STOP = int(Kind.GRADIENT), int(Kind.FINAL), int(Kind.STOP)
+
+
+@dataclass(frozen=True, slots=True)
+class GradientBundle:
+    """Messages of several origins that arrived together: gradients summed into one payload, plus the
+    FINAL and STOP signals among them.
+
+    Coalescing across origins: the simulator hands a worker everything that reached it since its last poll as
+    one bundle when the algorithm's updates commute (DASGD), so applying it is one vector addition instead of
+    one per message, and every gradient's id range is kept for the exactly-once bookkeeping. Signals count
+    as arriving after the bundle's gradients (each origin's FINAL follows its gradients anyway; gradients of
+    different origins commute). A bundle never crosses a process boundary (it has no wire format).
+
+    Attributes:
+        origin, lo, hi: one entry per gradient message, in arrival order (int64 arrays).
+        payload: the sum of the gradient payloads (None when there are none).
+        final_origin, final_count: the FINAL messages' origins and counts.
+        stop: a STOP message is among them.
+        expand: returns the messages themselves, in arrival order, for the one-by-one path (used when a
+            check fails).
+    """
+
+    origin: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    payload: torch.Tensor | None
+    final_origin: np.ndarray
+    final_count: np.ndarray
+    stop: bool
+    expand: Callable[[], list[Message]]
+
+    @property
+    def count(self) -> int:
+        """Number of gradients the bundle holds."""
+        return int((self.hi - self.lo).sum())
 
 
 def bundled_window(

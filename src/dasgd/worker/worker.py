@@ -25,8 +25,9 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ from torch import nn
 
 from dasgd.algorithms.base import Algorithm
 from dasgd.core.gradset import GradientSet
-from dasgd.core.message import GradientBundle, Kind, Message
+from dasgd.core.message import Kind, Message
 from dasgd.core.topology import Topology
 from dasgd.worker.audit import AuditTrail
 from dasgd.worker.replica import flat_grad, flatten_parameters
@@ -43,6 +44,20 @@ __all__ = ["Gradient", "Outgoing", "Worker"]
 
 Outgoing = tuple[int, Message]
 """A message and the peer it must be sent to."""
+
+
+class ArrivalBundle(Protocol):
+    """Messages of several origins handed over at once, gradients summed (the simulator's GradientBundle,
+    sim/bundles.py): what :meth:`Worker.receive` reads of one. It never crosses a process boundary."""
+
+    origin: np.ndarray
+    lo: np.ndarray
+    hi: np.ndarray
+    payload: torch.Tensor | None
+    final_origin: np.ndarray
+    final_count: np.ndarray
+    stop: bool
+    expand: Callable[[], list[Message]]
 
 
 @dataclass(frozen=True)
@@ -204,11 +219,11 @@ class Worker:
         return {int(o): int(self._finals[o]) for o in np.flatnonzero(self._finals >= 0)}
 
     # -- the four operations -------------------------------------------------------------------------
-    def receive(self, messages: list[Message]) -> list[Outgoing]:
+    def receive(self, messages: Sequence[Message | ArrivalBundle]) -> list[Outgoing]:
         """Apply arrived messages; return what must be forwarded. Invalid or duplicate ones are counted."""
         forward: list[Outgoing] = []
         for raw in messages:
-            if type(raw) is GradientBundle:
+            if not isinstance(raw, Message):
                 forward.extend(self._receive_bundle(raw))
                 continue
             msg = self._accept(raw)
@@ -346,7 +361,7 @@ class Worker:
             self.clock[self.rank] = max(own, int(other[self.rank]))
 
     # -- helpers -------------------------------------------------------------------------------------
-    def _receive_bundle(self, bundle: GradientBundle) -> list[Outgoing]:
+    def _receive_bundle(self, bundle: ArrivalBundle) -> list[Outgoing]:
         """Apply a bundle as one update when every part passes the checks ``receive`` makes one by one.
 
         The checks are vectorised: a complete graph (each origin sends directly), an algorithm whose updates
@@ -387,7 +402,6 @@ class Worker:
                 return self.receive(bundle.expand())
         elif len(f_origin) and (f_count < self.clock[f_origin]).any():
             return self.receive(bundle.expand())
-        out: list[Outgoing] = []
         if len(origin):
             if self.audit is not None:
                 for part in range(len(origin)):
@@ -397,12 +411,13 @@ class Worker:
             assert payload is not None
             if payload.dtype != self.params.dtype or payload.device != self.params.device:
                 payload = payload.to(self.params.device, self.params.dtype)
-                bundle = dataclasses.replace(bundle, payload=payload)
-            out = self.algorithm.on_gradient(bundle)  # type: ignore[arg-type]  # a Message in all it reads
+            # The algorithm commutes (checked above): by its contract every remote gradient is applied as
+            # x -= eta * g whatever else arrived, so the sum is applied here as one step.
+            self.apply_step(payload, self.lr)
         self._finals[f_origin] = f_count
         if bundle.stop:
             self.stop_requested = True
-        return out
+        return []
 
     def _flush_pending(self) -> list[Outgoing]:
         if self._pending is None:
