@@ -22,9 +22,9 @@ from dasgd.core.ledger import StalenessLedger
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.runs.build import build_task, build_worker, resolve, secret_key, stop_policy
+from dasgd.runs.results import run_log, summarize, worker_shard, write_run_outputs
 from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import WorkerLoop
-from dasgd.runs.results import run_log, summarize, worker_shard, write_run_outputs
 from dasgd.runtime.session import DistributedSession
 from dasgd.transport.torchdist import TorchDistTransport
 

@@ -14,8 +14,8 @@ from typing import Any
 import numpy as np
 
 from dasgd.experiments.spec import RunSpec
-from dasgd.metrics.eventlog import EVAL_RESERVED_KEYS, EventLog
 from dasgd.metrics.agreement import replica_tolerance
+from dasgd.metrics.eventlog import EVAL_RESERVED_KEYS, EventLog
 from dasgd.metrics.shard import WorkerShard
 
 __all__ = ["run_log", "summarize", "write_run_outputs", "render_run_dir", "worker_shard"]

@@ -513,8 +513,8 @@ def _target_text(plan: SweepPlan) -> str:
 
 def write_sweep_outputs(plan: SweepPlan, rows: Sequence[Mapping[str, Any]]) -> list[Path]:
     """Write ``sweep.csv``, ``sweep.md`` and ``plots/sweep_<key>.png`` into the sweep's directory."""
-    from dasgd.runs.report import format_value
     from dasgd.metrics.sweep_plots import plot_sweep
+    from dasgd.runs.report import format_value
 
     files = [_write_csv(plan, rows)]
     base = plan.base
