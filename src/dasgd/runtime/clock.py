@@ -1,7 +1,9 @@
 """Time as an object: the runtime reads and waits through a Clock, never the time module.
 
-The real runtime uses :class:`WallClock`; the simulator supplies a virtual clock with the same two methods,
-so the worker loop and everything below it never knows which one it runs under.
+The real-time driver (runtime/loop.py) uses :class:`WallClock`, or a fake clock in tests. The simulator does not
+run that loop: it drives the same worker protocol (worker/protocol.py) from its event queue, and its virtual
+clock only tells time (a simulated worker never sleeps; slowness comes from the compute-time model). What is
+shared across all three drivers is the protocol, which reads no clock at all: each driver passes it the time.
 """
 
 from __future__ import annotations

@@ -27,6 +27,7 @@ import dataclasses
 from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Protocol
 
 import numpy as np
@@ -141,7 +142,7 @@ class Worker:
         """The replica's audit trail, when :meth:`start_audit` was called (tests and ``--audit`` runs)."""
         algorithm.bind(self)
 
-    def start_audit(self, folder) -> AuditTrail:  # noqa: ANN001 (a pathlib.Path)
+    def start_audit(self, folder: Path) -> AuditTrail:
         """Record this replica's history from now on for an independent check (see worker/audit.py)."""
         if self.computed or self.applied:
             raise RuntimeError("start the audit before the first gradient, so it sees the whole history")
