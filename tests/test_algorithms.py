@@ -297,3 +297,22 @@ def test_algorithms_never_write_the_replica_or_its_clock_themselves():
     assert writes.search("w.params.add_(msg.payload, alpha=-w.lr)")
     assert writes.search("w.clock[:] = msg.clock")
     assert writes.search("np.maximum(self.worker.clock, other, out=self.worker.clock)")
+
+
+def test_every_algorithm_setting_comes_from_the_spec_field_of_its_name():
+    """AlgorithmParams is filled from the spec by field name: each of its fields is a spec setting, and a
+    non-default spec value reaches the algorithm."""
+    import dataclasses
+
+    from dasgd.algorithms import AlgorithmParams
+    from dasgd.runs.build import algorithm_params
+
+    names = [f.name for f in dataclasses.fields(AlgorithmParams)]
+    spec = resolve_spec({}, task="quadratic", seed=9, local_steps=3, staleness_bound=5, cap_scale=0.25)
+    params = algorithm_params(spec)
+    assert {n: getattr(params, n) for n in names} == {
+        "seed": 9,
+        "local_steps": 3,
+        "staleness_bound": 5,
+        "cap_scale": 0.25,
+    }

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 
@@ -76,13 +77,9 @@ def resolve(spec: RunSpec) -> Resolved:
 
 
 def algorithm_params(spec: RunSpec) -> AlgorithmParams:
-    """The spec's settings that algorithms read."""
-    return AlgorithmParams(
-        seed=spec.seed,
-        local_steps=spec.local_steps,
-        staleness_bound=spec.staleness_bound,
-        cap_scale=spec.cap_scale,
-    )
+    """The spec's settings that algorithms read: every field of AlgorithmParams, taken from the spec field of
+    the same name (so an algorithm's setting is one spec field plus one AlgorithmParams field)."""
+    return AlgorithmParams(**{f.name: getattr(spec, f.name) for f in dataclasses.fields(AlgorithmParams)})
 
 
 def sampler_seed(spec: RunSpec, rank: int) -> int:
