@@ -278,12 +278,13 @@ def test_sync_matches_pytorch_ddp_parameter_for_parameter(tmp_path):
 
 
 def test_algorithms_never_write_the_replica_or_its_clock_themselves():
-    """Plug-ins ask the Worker for every update (apply_step, apply_model, apply_average, merge_clock,
-    adopt_clock), so the exactly-once bookkeeping has one owner. A write in an algorithm module fails here."""
+    """Plug-ins return effects and the Worker carries them out, so the exactly-once bookkeeping has one owner.
+    Their worker is a read-only view (tests/test_worker_rules.py); a write in an algorithm module fails here too."""
     import re
 
     writes = re.compile(
         r"params\.(add_|sub_|mul_|div_|copy_|zero_|fill_)\(|clock\[[^\]]*\]\s*=[^=]|out=[^)]*clock|\.clock\s*=[^=]"
+        r"|rejected\[|\._worker\.|\.worker\._"
     )
     folder = Path(__file__).resolve().parent.parent / "src" / "dasgd" / "algorithms"
     found = [
@@ -297,6 +298,8 @@ def test_algorithms_never_write_the_replica_or_its_clock_themselves():
     assert writes.search("w.params.add_(msg.payload, alpha=-w.lr)")
     assert writes.search("w.clock[:] = msg.clock")
     assert writes.search("np.maximum(self.worker.clock, other, out=self.worker.clock)")
+    assert writes.search('w.rejected["not_server"] += 1')
+    assert writes.search("self.worker._worker.params")
 
 
 def test_every_algorithm_setting_comes_from_the_spec_field_of_its_name():

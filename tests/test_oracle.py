@@ -10,6 +10,7 @@ import pytest
 from oracle import check_audits, check_folder
 
 from dasgd.algorithms import ALGORITHMS
+from dasgd.algorithms.effects import AverageModel, MergeClock, Step
 from dasgd.core.message import Kind, Message
 from dasgd.experiments.spec import resolve_spec
 from dasgd.runs.build import build_task, build_worker, resolve
@@ -137,9 +138,8 @@ def test_tampered_parameters_and_histories_are_caught(tmp_path):
 def test_a_model_average_with_the_wrong_weights_is_caught(tmp_path, monkeypatch):
     from dasgd.algorithms.gossip import GossipAveraging
 
-    def lopsided(self, msg):  # noqa: ANN001, ANN202 - keeps 60% of its own replica instead of half
-        self.worker.params.mul_(0.6).add_(msg.payload, alpha=0.4)
-        self.worker.merge_clock(msg.clock)
+    def lopsided(self, msg):  # noqa: ANN001, ANN202 - averages twice: keeps 1/4 of its replica, not half
+        return [AverageModel(msg.payload), AverageModel(msg.payload), MergeClock(msg.clock)]
 
     monkeypatch.setattr(GossipAveraging, "_average", lopsided)
     run_in_process(tmp_path, "gossip")
@@ -162,10 +162,12 @@ def test_sync_that_divides_by_the_wrong_count_is_caught(tmp_path, monkeypatch):
 
     def advance(self):  # noqa: ANN001, ANN202 - sums the step instead of averaging it
         w = self.worker
+        steps = []
         while self._steps.count(self._applied_steps) >= w.world_size:
             total, _ = self._steps.pop(self._applied_steps)
-            w.params.add_(total, alpha=-w.lr)
+            steps.append(Step(total, w.lr))
             self._applied_steps += 1
+        return steps
 
     monkeypatch.setattr(SynchronousSGD, "_advance", advance)
     run_in_process(tmp_path, "sync")

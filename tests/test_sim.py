@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from dasgd.algorithms import DASGD
+from dasgd.algorithms.effects import Step
 from dasgd.experiments.spec import resolve_spec
 from dasgd.metrics.eventlog import read_event_log
 from dasgd.metrics.plots import run_figures
@@ -105,8 +106,7 @@ def test_the_simulator_drives_whatever_algorithm_the_worker_was_given():
 
         def on_gradient(self, msg):
             calls["remote"] += 1
-            self.worker.apply_step(msg.payload, self.worker.lr / 2)
-            return []
+            return [Step(msg.payload, self.worker.lr / 2)]
 
     spec = quad_spec(workers=3, max_gradients=60)
     task = build_task(spec)

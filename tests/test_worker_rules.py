@@ -62,8 +62,9 @@ class Recording(DASGD):
         self.seen.append(msg)
         return super().on_gradient(msg) if self.apply else []
 
-    def on_complete(self) -> None:
+    def on_complete(self):  # noqa: ANN201
         self.completions += 1
+        return []
 
 
 def make(rank: int = 0, n: int = 3, topology=None, algorithm=None, **kwargs) -> Worker:  # noqa: ANN001
@@ -828,11 +829,135 @@ def test_a_bundle_on_another_device_is_moved_to_the_replica_device():
     w = make(2, 4, algorithm=Recording(apply=False))
     on_meta(w)
     applied = []
-    w.apply_step = lambda vector, scale: applied.append((vector.device.type, vector.dtype, scale))
+    w._step = lambda vector, scale: applied.append((vector.device.type, vector.dtype, scale))
     b, calls = bundle_of([grad(0, 0, 1)])
     w.receive([b])
     assert calls == [] and applied == [("meta", F64, LR)]  # moved to the replica's device before the step
     assert w.clock.tolist() == [1, 0, 0, 0]
+
+
+# -- effects: what a hook asks for, carried out by the Worker -------------------------------------------
+class Scripted(DASGD):
+    """An algorithm whose hooks return whatever the test set in ``effects`` (one list per call)."""
+
+    def bind(self, worker) -> None:  # noqa: ANN001
+        super().bind(worker)
+        self.effects: list = []
+        self.shared: list = []
+
+    def on_own(self, gradient, index):  # noqa: ANN001, ANN201
+        return self.effects.pop(0)
+
+    def on_gradient(self, msg):  # noqa: ANN001, ANN201
+        return self.effects.pop(0)
+
+    def on_model_shared(self, msg):  # noqa: ANN001, ANN201
+        self.shared.append(msg)
+        return []
+
+
+def test_an_algorithm_sees_a_read_only_worker():
+    w = make(0, 3)
+    view = w.algorithm.worker
+    assert not isinstance(view, Worker)
+    for name in ("params", "model", "receive", "commit", "_carry_out", "_step", "declare_dead", "_hold"):
+        assert not hasattr(view, name), name
+    with pytest.raises(ValueError, match="read-only"):
+        view.clock[1] = 5
+    w.receive([grad(1, 0, 2)])
+    assert view.clock.tolist() == [0, 2, 0]  # follows the worker's own clock
+    assert (view.rank, view.world_size, view.lr, view.computed, view.stopped) == (0, 3, LR, 0, False)
+    with pytest.raises(AttributeError):
+        view.lr = 1.0
+
+
+def test_effects_are_carried_out_in_order_and_a_shared_model_is_the_replica_at_its_place():
+    w = make(0, 3, algorithm=Scripted())
+    from dasgd.algorithms.effects import AverageModel, Reject, ShareModel, Step
+
+    w.algorithm.effects = [
+        [ShareModel((1,), 7, 7), Step(vec(1, 1, 1), 0.5), ShareModel((1, 2), 8, 9), Reject("mine")],
+        [AverageModel(vec(0, 0, 0))],
+    ]
+    out = w.commit(own_gradient(w, [0, 0, 0]))
+    assert [(p, m.kind, m.lo, m.hi) for p, m in out] == [
+        (1, Kind.MODEL, 7, 7),
+        (1, Kind.MODEL, 8, 9),
+        (2, Kind.MODEL, 8, 9),
+    ]
+    assert torch.equal(out[0][1].payload, vec(*X0))  # before the step
+    assert torch.equal(out[1][1].payload, vec(*X0) - 0.5)  # after it
+    assert out[1][1] is out[2][1] and w.algorithm.shared == [out[0][1], out[1][1]]
+    assert out[0][1].clock.tolist() == [1, 0, 0]
+    assert w.rejected["mine"] == 1
+    w.receive([grad(1, 0, 1)])
+    assert torch.equal(w.params, (vec(*X0) - 0.5) / 2)
+    assert torch.equal(out[1][1].payload, vec(*X0) - 0.5)  # the copy sent is not the replica
+
+
+def test_merge_and_adopt_clock_keep_the_own_count_and_ignore_a_clock_of_another_length():
+    from dasgd.algorithms.effects import AdoptClock, MergeClock
+
+    w = make(0, 3, algorithm=Scripted())
+    w.algorithm.effects = [[], [MergeClock(np.array([0, 1, 5])), MergeClock(np.array([9, 9])), MergeClock(None)]]
+    w.commit(own_gradient(w, [0, 0, 0]))
+    w.receive([grad(1, 0, 3)])
+    assert w.clock.tolist() == [1, 3, 5]
+    w.algorithm.effects = [[AdoptClock(np.array([0, 2, 1])), AdoptClock(None)]]
+    w.receive([grad(2, 5, 6)])
+    assert w.clock.tolist() == [1, 2, 1]  # the server's set, with the own count kept
+
+
+@pytest.mark.parametrize(
+    ("effects", "message"),
+    [
+        (None, "returned NoneType"),
+        ("Step", "returned str"),
+        ([("step", 1.0)], "is not an effect"),
+        (["Step-4"], "a vector of 4 values; the replica has 3"),
+        (["Model-2"], "SetModel with a vector of 2 values"),
+        (["Push-5"], "pushed own gradient 5, but the one being committed is 0"),
+    ],
+)
+def test_an_effect_the_worker_must_not_carry_out_is_refused_with_the_plug_in_named(effects, message):
+    from dasgd.algorithms.effects import PushGradient, SetModel, Step
+    from dasgd.worker.worker import AlgorithmEffectError
+
+    w = make(0, 3, algorithm=Scripted())
+    g = own_gradient(w, [0, 0, 0])
+    built = {
+        "Step-4": Step(torch.zeros(4, dtype=F64), 1.0),
+        "Model-2": SetModel(torch.zeros(2, dtype=F64)),
+        "Push-5": PushGradient(5, g),
+    }
+    w.algorithm.effects = [[built.get(e, e) for e in effects] if isinstance(effects, list) else effects]
+    with pytest.raises(AlgorithmEffectError, match=message) as excinfo:
+        w.commit(g)
+    assert "dasgd" in str(excinfo.value)
+    assert torch.equal(w.params, vec(*X0))
+
+
+def test_on_complete_may_change_the_replica_but_not_send():
+    from dasgd.algorithms.effects import ShareModel, Step
+    from dasgd.worker.worker import AlgorithmEffectError
+
+    class Finisher(DASGD):
+        last: list = []
+
+        def on_complete(self):  # noqa: ANN201
+            return self.last
+
+    w = make(0, 2, algorithm=Finisher())
+    w.algorithm.last = [Step(vec(1, 1, 1), 1.0)]
+    w.finish()
+    w.receive([final(1, 0)])
+    assert w.complete and torch.equal(w.params, vec(*X0) - 1.0)
+    w = make(0, 2, algorithm=Finisher())
+    w.algorithm.last = [ShareModel((1,), 0, 0)]
+    w.finish()
+    w.receive([final(1, 0)])
+    with pytest.raises(AlgorithmEffectError, match="may only change the replica"):
+        _ = w.complete
 
 
 # -- _AllBut ------------------------------------------------------------------------------------------

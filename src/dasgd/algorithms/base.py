@@ -1,12 +1,14 @@
 """The algorithm interface: what a worker does with its own gradients and with what arrives.
 
-An algorithm is per-worker state plus a handful of hooks the Worker calls (``bind`` gives it its worker). The
-worker keeps the mechanism every algorithm shares: message validation, exactly-once bookkeeping of gradient
-ids, the vector clock, broadcast-tree forwarding, the end-of-run FINAL/STOP handshake. The algorithm decides
-the math and the messaging pattern: apply at once and push (DASGD), wait for a step's gradients and average
-(mini-batch SGD), push to a server and pull its model (parameter-server ASGD), average models (Local SGD,
-gossip). The runtime decides when things happen. Algorithms hold no sockets, clocks or threads,
-so each one runs unchanged in real processes and in the simulator.
+An algorithm is per-worker state plus a handful of hooks the Worker calls (``bind`` gives it a read-only view
+of its worker). The worker keeps the mechanism every algorithm shares: message validation, exactly-once
+bookkeeping of gradient ids, the vector clock, broadcast-tree forwarding, the end-of-run FINAL/STOP
+handshake. The algorithm decides the math and the messaging pattern: apply at once and push (DASGD), wait for
+a step's gradients and average (mini-batch SGD), push to a server and pull its model (parameter-server ASGD),
+average models (Local SGD, gossip). It does so by returning effects (dasgd.algorithms.effects): the hooks
+return what should happen, and the Worker carries it out. The runtime decides when things happen.
+Algorithms hold no sockets, clocks or threads, so each one runs unchanged in real processes and in the
+simulator.
 
 Adding an algorithm is one file with a subclass of :class:`Algorithm` and one line in the registry
 (``dasgd.algorithms``).
@@ -15,17 +17,57 @@ Adding an algorithm is one file with a subclass of :class:`Algorithm` and one li
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, ClassVar, Protocol
 
+import numpy as np
 import torch
 
-from dasgd.core.message import Kind, Message
+from dasgd.algorithms.effects import Effect, Reject
 
 if TYPE_CHECKING:
+    from dasgd.core.message import Message
     from dasgd.core.topology import Topology
-    from dasgd.worker.worker import Gradient, Outgoing, Worker
+    from dasgd.worker.worker import Gradient
 
-__all__ = ["Algorithm", "AlgorithmError", "AlgorithmParams", "KeyedSums"]
+__all__ = ["Algorithm", "AlgorithmError", "AlgorithmParams", "KeyedSums", "WorkerView"]
+
+
+class WorkerView(Protocol):
+    """What an algorithm may read of the worker it is bound to. Nothing here writes: changes go through the
+    effects a hook returns. ``clock`` is a read-only array (writing it raises)."""
+
+    @property
+    def rank(self) -> int: ...
+    @property
+    def world_size(self) -> int: ...
+    @property
+    def topology(self) -> Topology: ...
+    @property
+    def lr(self) -> float: ...
+    @property
+    def grads_per_message(self) -> int: ...
+    @property
+    def computed(self) -> int:
+        """Own gradients committed so far (the one being handed to ``on_own`` included)."""
+        ...
+    @property
+    def stopped(self) -> bool:
+        """The worker has finished computing (the end-of-run drain has begun)."""
+        ...
+    @property
+    def clock(self) -> np.ndarray:
+        """The replica's vector clock: ``clock[j]`` gradients of worker ``j`` are held (read-only)."""
+        ...
+    @property
+    def dead(self) -> set[int]:
+        """Origins declared dead."""
+        ...
+    def finals(self) -> dict[int, int]:
+        """Final gradient counts announced so far, by origin."""
+        ...
+    def holds_every_final(self) -> bool:
+        """Every live worker's final count is known and all their gradients are held."""
+        ...
 
 
 class AlgorithmError(ValueError):
@@ -73,19 +115,20 @@ class Algorithm:
 
     def __init__(self, params: AlgorithmParams | None = None) -> None:
         self.params = params if params is not None else AlgorithmParams()
-        self._worker: Worker | None = None
+        self._worker: WorkerView | None = None
         self.counts: dict[str, int] = {}
         """Algorithm-specific counters reported in the run summary (e.g. gradients capped)."""
 
     # -- wiring -----------------------------------------------------------------------------------------
     @property
-    def worker(self) -> Worker:
+    def worker(self) -> WorkerView:
+        """The bound worker, read-only."""
         if self._worker is None:
             raise RuntimeError(f"algorithm {self.name!r} is not bound to a worker")
         return self._worker
 
-    def bind(self, worker: Worker) -> None:
-        """Attach to ``worker`` (called once, by the worker's constructor)."""
+    def bind(self, worker: WorkerView) -> None:
+        """Attach to ``worker`` (called once, by the worker's constructor, with a read-only view)."""
         if self._worker is not None:
             raise RuntimeError(f"algorithm {self.name!r} is bound already; make one instance per worker")
         self.check(worker.world_size, worker.topology, worker.grads_per_message)
@@ -112,33 +155,29 @@ class Algorithm:
         """Whether the worker may start its next gradient now (False while it waits on a peer)."""
         return True
 
-    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
+    def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
         """The worker's own gradient number ``index`` is complete: apply it and/or send it."""
         raise NotImplementedError
 
-    def on_gradient(self, msg: Message) -> list[Outgoing]:
+    def on_gradient(self, msg: Message) -> list[Effect]:
         """A remote gradient message was accepted (its ids are already recorded as held)."""
         raise NotImplementedError
 
-    def on_model(self, msg: Message) -> list[Outgoing]:
-        """A MODEL message was accepted (shape checked)."""
-        w = self.worker
-        w.rejected["unexpected_model"] += 1
+    def on_model(self, msg: Message) -> list[Effect]:
+        """A MODEL message was accepted (sender and shape checked)."""
+        return [Reject("unexpected_model")]
+
+    def on_model_shared(self, msg: Message) -> list[Effect]:
+        """The worker sent ``msg``, a copy of its replica, as a :class:`ShareModel` effect asked."""
         return []
 
     def complete(self) -> bool:
         """Whether the end-of-run drain is complete for this worker (after it finished)."""
         return self.worker.holds_every_final()
 
-    def on_complete(self) -> None:
+    def on_complete(self) -> list[Effect]:
         """Called once when the drain is complete (e.g. to apply a last partial synchronous step)."""
-
-    # -- helpers for subclasses -------------------------------------------------------------------------
-    def model_message(self, lo: int, hi: int, payload: torch.Tensor | None = None) -> Message:
-        """A MODEL message of this worker (a copy of its replica unless ``payload`` is given)."""
-        w = self.worker
-        data = w.params.detach().clone() if payload is None else payload
-        return Message(Kind.MODEL, w.rank, w.rank, lo, hi, data, w.clock.copy())
+        return []
 
 
 class KeyedSums:

@@ -12,10 +12,11 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dasgd.algorithms.base import Algorithm
+from dasgd.algorithms.effects import Effect, PushGradient, Step
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
-    from dasgd.worker.worker import Gradient, Outgoing
+    from dasgd.worker.worker import Gradient
 
 __all__ = ["DASGD"]
 
@@ -27,13 +28,9 @@ class DASGD(Algorithm):
     faithful = True
     commutes = True
 
-    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
-        w = self.worker
-        w.apply_step(gradient.grad, w.lr)
-        return w.push_gradient(index, gradient)
+    def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
+        return [Step(gradient.grad, self.worker.lr), PushGradient(index, gradient)]
 
-    def on_gradient(self, msg: Message) -> list[Outgoing]:
-        w = self.worker
+    def on_gradient(self, msg: Message) -> list[Effect]:
         assert msg.payload is not None  # checked by the worker
-        w.apply_step(msg.payload, w.lr)
-        return []
+        return [Step(msg.payload, self.worker.lr)]

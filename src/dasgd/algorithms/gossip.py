@@ -18,10 +18,11 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dasgd.algorithms.base import Algorithm
+from dasgd.algorithms.effects import AverageModel, Effect, MergeClock, Reject, ShareModel, Step
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
-    from dasgd.worker.worker import Gradient, Outgoing
+    from dasgd.worker.worker import Gradient
 
 __all__ = ["GossipAveraging"]
 
@@ -41,35 +42,29 @@ class GossipAveraging(Algorithm):
         self._neighbours = worker.topology.neighbors(worker.rank)
         self._partner: int | None = None
 
-    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
+    def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
         w = self.worker
-        w.apply_step(gradient.grad, w.lr)
+        step = Step(gradient.grad, w.lr)
         if self._partner is not None and self._partner in w.finals():
             self._partner = None  # it stopped before answering
         if self._partner is not None or not self._neighbours:
-            return []
+            return [step]
         self._partner = int(self._neighbours[int(self._rng.integers(len(self._neighbours)))])
         self.counts["exchanges"] = self.counts.get("exchanges", 0) + 1
-        return [(self._partner, self.model_message(_REQUEST, _REQUEST))]
+        return [step, ShareModel((self._partner,), _REQUEST, _REQUEST)]
 
-    def on_model(self, msg: Message) -> list[Outgoing]:
-        w = self.worker
-        assert msg.payload is not None  # checked by the worker
+    def on_model(self, msg: Message) -> list[Effect]:
         if msg.lo == _REQUEST:
-            reply = self.model_message(_REPLY, _REPLY)
-            self._average(msg)
-            return [(msg.origin, reply)]
+            # The reply is this replica as it was before it averaged with the requester's.
+            return [ShareModel((msg.origin,), _REPLY, _REPLY), *self._average(msg)]
         if msg.lo == _REPLY and msg.origin == self._partner:
-            self._average(msg)
             self._partner = None
-            return []
-        w.rejected["unexpected_model"] += 1
-        return []
+            return self._average(msg)
+        return [Reject("unexpected_model")]
 
     def complete(self) -> bool:
         return self.worker.stopped
 
-    def _average(self, msg: Message) -> None:
-        assert msg.payload is not None
-        self.worker.apply_average(msg.payload)
-        self.worker.merge_clock(msg.clock)
+    def _average(self, msg: Message) -> list[Effect]:
+        assert msg.payload is not None  # checked by the worker
+        return [AverageModel(msg.payload), MergeClock(msg.clock)]

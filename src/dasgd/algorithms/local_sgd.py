@@ -12,11 +12,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dasgd.algorithms.base import Algorithm, AlgorithmError, KeyedSums
+from dasgd.algorithms.effects import Effect, MergeClock, SetModel, ShareModel, Step
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
     from dasgd.core.topology import Topology
-    from dasgd.worker.worker import Gradient, Outgoing
+    from dasgd.worker.worker import Gradient
 
 __all__ = ["LocalSGD"]
 
@@ -47,32 +48,35 @@ class LocalSGD(Algorithm):
     def ready(self) -> bool:
         return self._rounds >= self.worker.computed // self.local_steps
 
-    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
+    def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
         w = self.worker
-        w.apply_step(gradient.grad, w.lr)
+        step = Step(gradient.grad, w.lr)
         if w.computed % self.local_steps:
-            return []
+            return [step]
         rnd = w.computed // self.local_steps - 1
-        msg = self.model_message(rnd, rnd + 1)
-        assert msg.payload is not None
-        self._models.add(rnd, msg.payload)
-        self._advance()
-        return [(peer, msg) for peer in w.topology.neighbors(w.rank)]
+        # The model after this step goes to every peer; on_model_shared counts the same copy for this worker.
+        return [step, ShareModel(w.topology.neighbors(w.rank), rnd, rnd + 1)]
 
-    def on_model(self, msg: Message) -> list[Outgoing]:
+    def on_model_shared(self, msg: Message) -> list[Effect]:
+        assert msg.payload is not None
+        self._models.add(msg.lo, msg.payload)
+        return self._advance()
+
+    def on_model(self, msg: Message) -> list[Effect]:
         assert msg.payload is not None  # checked by the worker
         self._models.add(msg.lo, msg.payload)
-        self.worker.merge_clock(msg.clock)
-        self._advance()
-        return []
+        return [MergeClock(msg.clock), *self._advance()]
 
     def complete(self) -> bool:
         return self.worker.stopped
 
-    def _advance(self) -> None:
+    def _advance(self) -> list[Effect]:
+        """The average of every round now complete, in round order."""
         w = self.worker
         live = w.world_size - len(w.dead)
+        averages: list[Effect] = []
         while self._models.count(self._rounds) >= live:
             total, _ = self._models.pop(self._rounds)
-            w.apply_model(total.div_(live))
+            averages.append(SetModel(total.div_(live)))
             self._rounds += 1
+        return averages

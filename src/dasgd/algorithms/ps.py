@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dasgd.algorithms.base import Algorithm, AlgorithmError
+from dasgd.algorithms.effects import AdoptClock, Effect, PushGradient, Reject, SetModel, ShareModel, Step
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
     from dasgd.core.topology import Topology
-    from dasgd.worker.worker import Gradient, Outgoing
+    from dasgd.worker.worker import Gradient
 
 __all__ = ["ParameterServerASGD"]
 
@@ -54,30 +55,24 @@ class ParameterServerASGD(Algorithm):
     def ready(self) -> bool:
         return not self.is_server and not self._awaiting
 
-    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
+    def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
         self._awaiting = True  # the own gradient is applied by the server; its reply brings it back
-        return self.worker.push_gradient(index, gradient, peers=(SERVER,))
+        return [PushGradient(index, gradient, peers=(SERVER,))]
 
-    def on_gradient(self, msg: Message) -> list[Outgoing]:
-        w = self.worker
+    def on_gradient(self, msg: Message) -> list[Effect]:
         if not self.is_server:
-            w.rejected["not_server"] += 1
-            return []
+            return [Reject("not_server")]
         assert msg.payload is not None  # checked by the worker
-        w.apply_step(msg.payload, w.lr)
-        return [(msg.origin, self.model_message(msg.hi, msg.hi))]
+        # The reply is the model after this gradient, tagged with the count it answers.
+        return [Step(msg.payload, self.worker.lr), ShareModel((msg.origin,), msg.hi, msg.hi)]
 
-    def on_model(self, msg: Message) -> list[Outgoing]:
-        w = self.worker
+    def on_model(self, msg: Message) -> list[Effect]:
         if self.is_server or msg.origin != SERVER:
-            w.rejected["unexpected_model"] += 1
-            return []
+            return [Reject("unexpected_model")]
         assert msg.payload is not None
-        w.apply_model(msg.payload)
-        # The pulled model's gradient set is the server's; it holds every gradient this worker pushed.
-        w.adopt_clock(msg.clock)
         self._awaiting = False
-        return []
+        # The pulled model's gradient set is the server's; it holds every gradient this worker pushed.
+        return [SetModel(msg.payload), AdoptClock(msg.clock)]
 
     def complete(self) -> bool:
         # Only the server must hold every gradient; a worker is done once it stopped.

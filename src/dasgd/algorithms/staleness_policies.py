@@ -23,10 +23,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dasgd.algorithms.dasgd import DASGD
+from dasgd.algorithms.effects import Effect, Step
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
-    from dasgd.worker.worker import Outgoing
 
 __all__ = ["DampedDASGD", "StalenessCappedDASGD", "receiver_staleness"]
 
@@ -58,17 +58,15 @@ class StalenessCappedDASGD(_StalenessAware):
 
     name = "dasgd-cap"
 
-    def on_gradient(self, msg: Message) -> list[Outgoing]:
+    def on_gradient(self, msg: Message) -> list[Effect]:
         w = self.worker
         assert msg.payload is not None
         if receiver_staleness(w.clock, msg) <= self.bound:
-            w.apply_step(msg.payload, w.lr)
-            return []
+            return [Step(msg.payload, w.lr)]
         self._count("capped", msg.count)
         if self.params.cap_scale > 0:
-            w.apply_step(msg.payload, w.lr * self.params.cap_scale)
-        else:
-            self._count("dropped", msg.count)
+            return [Step(msg.payload, w.lr * self.params.cap_scale)]
+        self._count("dropped", msg.count)
         return []
 
 
@@ -77,11 +75,10 @@ class DampedDASGD(_StalenessAware):
 
     name = "dasgd-damped"
 
-    def on_gradient(self, msg: Message) -> list[Outgoing]:
+    def on_gradient(self, msg: Message) -> list[Effect]:
         w = self.worker
         assert msg.payload is not None
         s = receiver_staleness(w.clock, msg)
         if s > self.bound:
             self._count("damped_below_half", msg.count)
-        w.apply_step(msg.payload, w.lr / (1.0 + s / self.bound))
-        return []
+        return [Step(msg.payload, w.lr / (1.0 + s / self.bound))]

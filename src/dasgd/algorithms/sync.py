@@ -14,11 +14,12 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dasgd.algorithms.base import Algorithm, KeyedSums
+from dasgd.algorithms.effects import Effect, PushGradient, Step
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
     from dasgd.core.topology import Topology
-    from dasgd.worker.worker import Gradient, Outgoing
+    from dasgd.worker.worker import Gradient
 
 __all__ = ["SynchronousSGD"]
 
@@ -44,33 +45,35 @@ class SynchronousSGD(Algorithm):
         # The next step starts only when every step computed so far has been averaged in.
         return self._applied_steps >= self.worker.computed
 
-    def on_own(self, gradient: Gradient, index: int) -> list[Outgoing]:
-        out = self.worker.push_gradient(index, gradient)
+    def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
         self._steps.add(index, gradient.grad)
-        self._advance()
-        return out
+        return [PushGradient(index, gradient), *self._advance()]
 
-    def on_gradient(self, msg: Message) -> list[Outgoing]:
+    def on_gradient(self, msg: Message) -> list[Effect]:
         assert msg.payload is not None  # checked by the worker
         if msg.count != 1:
             # Peers never merge steps here; a merged message can only come from a misconfigured peer.
             self.counts["merged_steps"] = self.counts.get("merged_steps", 0) + msg.count
         self._steps.add(msg.lo, msg.payload)
-        self._advance()
-        return []
+        return self._advance()
 
-    def on_complete(self) -> None:
+    def on_complete(self) -> list[Effect]:
         # Steps left incomplete when the run stopped (some workers computed one more step than others): every
         # replica holds the same gradients now, so each applies their mean and the replicas still agree.
+        steps: list[Effect] = []
         for step in self._steps.keys():
             total, count = self._steps.pop(step)
-            self.worker.apply_step(total, self.worker.lr / count)
+            steps.append(Step(total, self.worker.lr / count))
+        return steps
 
-    def _advance(self) -> None:
+    def _advance(self) -> list[Effect]:
+        """The mean of every step now complete, in step order."""
         w = self.worker
         live = w.world_size - len(w.dead)
+        steps: list[Effect] = []
         while self._steps.count(self._applied_steps) >= live:
             total, _ = self._steps.pop(self._applied_steps)
             # Average, as DDP does: divide the summed step by the number of contributions.
-            w.apply_step(total, w.lr / live)
+            steps.append(Step(total, w.lr / live))
             self._applied_steps += 1
+        return steps

@@ -35,16 +35,31 @@ import torch
 from torch import nn
 
 from dasgd.algorithms.base import Algorithm
+from dasgd.algorithms.effects import (
+    AdoptClock,
+    AverageModel,
+    Effect,
+    MergeClock,
+    PushGradient,
+    Reject,
+    SetModel,
+    ShareModel,
+    Step,
+)
 from dasgd.core.gradset import GradientSet
 from dasgd.core.message import Kind, Message
 from dasgd.core.topology import Topology
 from dasgd.worker.audit import AuditTrail
 from dasgd.worker.replica import flat_grad, flatten_parameters
 
-__all__ = ["Gradient", "Outgoing", "Worker"]
+__all__ = ["AlgorithmEffectError", "Gradient", "Outgoing", "Worker"]
 
 Outgoing = tuple[int, Message]
 """A message and the peer it must be sent to."""
+
+
+class AlgorithmEffectError(RuntimeError):
+    """An algorithm asked for something the worker must not do (a bug in the plug-in, not in the run)."""
 
 
 class ArrivalBundle(Protocol):
@@ -140,7 +155,7 @@ class Worker:
         self._completed = False
         self.audit: AuditTrail | None = None
         """The replica's audit trail, when :meth:`start_audit` was called (tests and ``--audit`` runs)."""
-        algorithm.bind(self)
+        algorithm.bind(_ReadOnlyWorker(self))
 
     def start_audit(self, folder: Path) -> AuditTrail:
         """Record this replica's history from now on for an independent check (see worker/audit.py)."""
@@ -191,7 +206,11 @@ class Worker:
         if not self.algorithm.complete():
             return False
         self._completed = True
-        self.algorithm.on_complete()
+        if self._carry_out(self.algorithm.on_complete()):
+            raise AlgorithmEffectError(
+                f"{self.algorithm.name}.on_complete asked to send messages after the drain; it may only change "
+                "the replica (Step, SetModel, AverageModel)"
+            )
         return True
 
     def holds_every_final(self) -> bool:
@@ -235,13 +254,13 @@ class Worker:
                 if audit is not None:
                     audit.gradient(msg, self.clock)
                 self._hold(msg.origin, msg.lo, msg.hi)
-                out = self.algorithm.on_gradient(msg)
+                out = self._carry_out(self.algorithm.on_gradient(msg))
                 if audit is not None:
                     audit.sent(out)
                 forward.extend(out)
             elif msg.kind == Kind.MODEL:
                 rejected = sum(self.rejected.values())
-                out = self.algorithm.on_model(msg)
+                out = self._carry_out(self.algorithm.on_model(msg))
                 if audit is not None:
                     # A reply is built from the replica before the model is merged: record it first.
                     audit.sent(out)
@@ -291,9 +310,9 @@ class Worker:
         self.computed += 1
         self.clock[self.rank] = self.computed
         if self.audit is None:
-            return self.algorithm.on_own(gradient, index)
+            return self._carry_out(self.algorithm.on_own(gradient, index))
         self.audit.own(index, gradient.grad)
-        out = self.algorithm.on_own(gradient, index)
+        out = self._carry_out(self.algorithm.on_own(gradient, index))
         self.audit.sent(out)
         return out
 
@@ -331,35 +350,69 @@ class Worker:
         self._finals[self.rank] = self.computed
         return out + self._push(Kind.FINAL, self.computed, self.computed, None)
 
-    # -- the updates an algorithm asks for: the only writes to the replica and its clock ---------------
-    def apply_step(self, vector: torch.Tensor, scale: float) -> None:
-        """``x -= scale * vector`` (a gradient, a sum of gradients, a step's average)."""
+    # -- the effects an algorithm asks for: the only writes to the replica and its clock --------------
+    def _carry_out(self, effects: list[Effect]) -> list[Outgoing]:
+        """Carry out an algorithm hook's effects in order; return the messages they send."""
+        if not isinstance(effects, list | tuple):
+            # A hook that forgot its return would otherwise drop its update without a word.
+            raise AlgorithmEffectError(
+                f"an algorithm hook of {self.algorithm.name} returned {type(effects).__name__}; hooks return a list "
+                "of effects (dasgd.algorithms.effects), [] for none"
+            )
+        out: list[Outgoing] = []
+        for effect in effects:
+            if isinstance(effect, Step):
+                self._step(self._vector(effect.vector, "Step"), float(effect.scale))
+            elif isinstance(effect, PushGradient):
+                if effect.index != self.computed - 1:
+                    raise AlgorithmEffectError(
+                        f"{self.algorithm.name} pushed own gradient {effect.index}, but the one being committed "
+                        f"is {self.computed - 1}; a worker pushes each own gradient once, when it is committed"
+                    )
+                out.extend(self.push_gradient(effect.index, effect.gradient, effect.peers))
+            elif isinstance(effect, ShareModel):
+                msg = Message(
+                    Kind.MODEL, self.rank, self.rank, effect.lo, effect.hi, self.params.detach().clone(),
+                    self.clock.copy(),
+                )
+                out.extend((int(peer), msg) for peer in effect.peers)
+                out.extend(self._carry_out(self.algorithm.on_model_shared(msg)))
+            elif isinstance(effect, SetModel):
+                self.params.copy_(self._vector(effect.model, "SetModel"))
+            elif isinstance(effect, AverageModel):
+                self.params.add_(self._vector(effect.model, "AverageModel")).mul_(0.5)
+            elif isinstance(effect, MergeClock):
+                if effect.clock is not None and len(effect.clock) == len(self.clock):
+                    np.maximum(self.clock, effect.clock, out=self.clock)
+            elif isinstance(effect, AdoptClock):
+                if effect.clock is not None and len(effect.clock) == len(self.clock):
+                    own = self.clock[self.rank]
+                    self.clock[:] = effect.clock
+                    self.clock[self.rank] = max(own, int(effect.clock[self.rank]))
+            elif isinstance(effect, Reject):
+                self.rejected[str(effect.reason)] += 1
+            else:
+                raise AlgorithmEffectError(
+                    f"{self.algorithm.name} returned {effect!r}, which is not an effect; hooks return a list of "
+                    "dasgd.algorithms.effects (Step, PushGradient, ShareModel, SetModel, ...)"
+                )
+        return out
+
+    def _step(self, vector: torch.Tensor, scale: float) -> None:
+        """``x -= scale * vector``: every gradient step of the replica goes through here."""
         self.params.add_(vector, alpha=-scale)
 
-    def apply_model(self, model: torch.Tensor) -> None:
-        """``x = model`` (a pulled or averaged model; its values are copied)."""
-        self.params.copy_(model)
-
-    def apply_average(self, model: torch.Tensor) -> None:
-        """``x = (x + model) / 2`` (pairwise model averaging)."""
-        self.params.add_(model).mul_(0.5)
-
-    def merge_clock(self, other: np.ndarray | None) -> None:
-        """After averaging with a model whose gradient set is ``other``: hold the union (element-wise max).
-
-        For model averaging the replica holds a weighted mix of gradients; the clock then says which gradient
-        ids have a non-zero weight in it. A clock of another length (or none) is ignored.
-        """
-        if other is not None and len(other) == len(self.clock):
-            np.maximum(self.clock, other, out=self.clock)
-
-    def adopt_clock(self, other: np.ndarray | None) -> None:
-        """The replica was replaced by a model whose gradient set is ``other`` (a server's): take it, keeping
-        this worker's own count (its own gradients are numbered by it, whatever the model holds)."""
-        if other is not None and len(other) == len(self.clock):
-            own = self.clock[self.rank]
-            self.clock[:] = other
-            self.clock[self.rank] = max(own, int(other[self.rank]))
+    def _vector(self, vector: torch.Tensor, effect: str) -> torch.Tensor:
+        """``vector`` checked against the replica's size and moved to its dtype and device."""
+        if not isinstance(vector, torch.Tensor) or vector.numel() != self.params.numel():
+            size = vector.numel() if isinstance(vector, torch.Tensor) else type(vector).__name__
+            raise AlgorithmEffectError(
+                f"{self.algorithm.name} asked for {effect} with a vector of {size} values; the replica has "
+                f"{self.params.numel()}"
+            )
+        if vector.dtype != self.params.dtype or vector.device != self.params.device:
+            vector = vector.to(self.params.device, self.params.dtype)
+        return vector.reshape(-1)
 
     # -- helpers -------------------------------------------------------------------------------------
     def _receive_bundle(self, bundle: ArrivalBundle) -> list[Outgoing]:
@@ -414,7 +467,7 @@ class Worker:
                 payload = payload.to(self.params.device, self.params.dtype)
             # The algorithm commutes (checked above): by its contract every remote gradient is applied as
             # x -= eta * g whatever else arrived, so the sum is applied here as one step.
-            self.apply_step(payload, self.lr)
+            self._step(payload, self.lr)
         self._finals[f_origin] = f_count
         if bundle.stop:
             self.stop_requested = True
@@ -535,3 +588,34 @@ class _AllBut(Sequence[int]):
     def __iter__(self):  # noqa: ANN204
         yield from range(self._skip)
         yield from range(self._skip + 1, self._n)
+
+
+class _ReadOnlyWorker:
+    """What an algorithm sees of its worker (dasgd.algorithms.base.WorkerView): reads only.
+
+    The clock is a read-only view of the worker's own array (no copy per message, and it follows the worker's
+    in-place updates); writing it raises.
+    """
+
+    __slots__ = ("_worker", "_clock")
+
+    def __init__(self, worker: Worker) -> None:
+        self._worker = worker
+        self._clock = worker.clock.view()
+        self._clock.flags.writeable = False
+
+    rank = property(lambda self: self._worker.rank)
+    world_size = property(lambda self: self._worker.world_size)
+    topology = property(lambda self: self._worker.topology)
+    lr = property(lambda self: self._worker.lr)
+    grads_per_message = property(lambda self: self._worker.grads_per_message)
+    computed = property(lambda self: self._worker.computed)
+    stopped = property(lambda self: self._worker.stopped)
+    dead = property(lambda self: self._worker.dead)
+    clock = property(lambda self: self._clock)
+
+    def finals(self) -> dict[int, int]:
+        return self._worker.finals()
+
+    def holds_every_final(self) -> bool:
+        return self._worker.holds_every_final()
