@@ -63,6 +63,29 @@ def test_a_worker_trains_stops_on_its_budget_and_drains():
     assert p0.ledger.stats().count == 3
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_own_gradient_is_not_applied_or_sent_and_stops_every_worker_as_diverged(bad):
+    import torch
+
+    from dasgd.worker.worker import Gradient
+
+    w0, w1 = workers(2)
+    ledger = StalenessLedger(2)
+    p0 = WorkerProtocol(w0, StopPolicy(max_gradients=100), ledger)
+    p1 = WorkerProtocol(w1, StopPolicy(max_gradients=100))
+    p0.step(0.0, [])
+    before = w0.params.clone()
+    g = w0.compute()
+    poisoned = Gradient(torch.where(torch.arange(g.grad.numel()) == 2, bad, g.grad), g.clock, g.loss)
+    assert p0.gradient_done(poisoned, 0.0, 0.5) == []
+    assert torch.equal(w0.params, before) and w0.computed == 0 and ledger.arrays()[0].size == 0
+    out, action = p0.step(1.0, [])
+    assert p0.stop_reason == "diverged" and isinstance(action, Wait)
+    assert [m.kind.name for _, m in out] == ["STOP", "FINAL"] and out[1][1].hi == 0
+    p1.step(1.5, [m for _, m in out])
+    assert p1.stop_reason == "stop_requested"
+
+
 def test_a_dead_peer_ends_the_wait_for_its_final_count():
     w0, _ = workers(2)
     p0 = WorkerProtocol(w0, StopPolicy(max_gradients=0))

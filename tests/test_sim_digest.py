@@ -19,7 +19,9 @@ PINNED = {
     "dasgd": "e46d7c58b1ec444de505a166711db6cd32cded2a72bdee36eb4363cc672a018e",
     "gossip": "0d99fac0ca002c701b333a6b7552c7a088547b0d704c0f1d5aa3c6c8e61a3e64",
     "ps-asgd": "ec5f3bce89265e393200cc955957a2fdb2f7ddf6d359b85bee3e9f2c58f72af2",
-    "dasgd-ring": "41d36046c7603f0d31f712818786b5867647afd1ea1b0e9f2137c85f6f57fa74",
+    # Retaken when survivors began routing around a dead worker on sparse graphs (the crash of worker 4 on
+    # the ring used to cut the broadcast trees through it; now its neighbours reroute and tell the others).
+    "dasgd-ring": "a027b722da0bc6cb4f7f37187fe6bb5c6293a214b38182f969940a4196bc9229",
 }
 
 

@@ -457,6 +457,54 @@ def test_an_empty_reversed_or_negative_range_is_a_bad_range(lo, hi):
     assert torch.equal(w.params, vec(*X0))
 
 
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_gradient_or_model_is_refused_and_its_origin_flagged(bad):
+    w = make(0, 3)
+    w.receive([grad(1, 0, 1, payload=vec(1, bad, 1)), grad(1, 0, 1)])
+    assert w.rejected == {"non_finite": 1}
+    assert w.non_finite_origins == {1: 1}
+    assert w.clock.tolist() == [0, 1, 0]  # the finite retry of the same id is applied
+    assert torch.equal(w.params, expected_params(vec(2, 2, 2)))
+    g = make(0, 3, algorithm=GossipAveraging())
+    g.receive([model(2, 0, vec(bad, 0, 0), clock=np.array([0, 0, 4]))])
+    assert g.rejected == {"non_finite": 1} and g.non_finite_origins == {2: 1}
+    assert torch.equal(g.params, vec(*X0)) and g.clock.tolist() == [0, 0, 0]
+
+
+@pytest.mark.parametrize("algorithm", [GossipAveraging, LocalSGD])
+def test_an_algorithm_that_moves_models_refuses_gradients_before_recording_them(algorithm):
+    w = make(0, 3, algorithm=algorithm())
+    w.receive([grad(1, 0, 5), grad(2, 0, 1)])
+    assert w.rejected == {"unexpected_gradient": 2}
+    assert w.clock.tolist() == [0, 0, 0] and torch.equal(w.params, vec(*X0))
+
+
+def test_ids_up_to_the_clock_limit_are_accepted_and_beyond_it_refused():
+    from dasgd.core.message import MAX_GRADIENT_ID, MAX_GRADIENTS_PER_MESSAGE
+
+    w = make(0, 3)
+    top = MAX_GRADIENT_ID
+    w.receive([grad(1, top - 1, top), grad(1, top, top + 1), grad(2, 2**63, 2**63 + 1), final(2, 2**64)])
+    assert w.rejected == {"bad_range": 3}
+    assert w.clock.tolist() == [0, 0, 0] and 1 in w._gaps  # the last legal id is held, in a gap
+    w.receive([grad(2, 0, MAX_GRADIENTS_PER_MESSAGE, payload=vec(0, 0, 0))])
+    w.receive([grad(2, MAX_GRADIENTS_PER_MESSAGE, 2 * MAX_GRADIENTS_PER_MESSAGE + 1, payload=vec(0, 0, 0))])
+    assert w.rejected == {"bad_range": 3, "range_too_wide": 1}
+    assert w.clock.tolist() == [0, 0, MAX_GRADIENTS_PER_MESSAGE]
+
+
+def test_a_final_below_what_is_held_is_refused_and_later_gradients_still_land():
+    w = make(0, 3)
+    w.receive([grad(1, 0, 2), final(1, 1), final(2, 0)])
+    assert w.rejected == {"final_below_held": 1}
+    assert w.finals() == {2: 0}
+    w.receive([grad(1, 2, 3), final(1, 3)])
+    assert w.clock.tolist() == [0, 3, 0] and w.finals() == {1: 3, 2: 0}
+    w = make(0, 3)
+    w.receive([grad(1, 3, 5), final(1, 4)])  # held in a gap above the count
+    assert w.rejected == {"final_below_held": 1}
+
+
 def test_gradients_up_to_the_final_count_are_applied_and_those_past_it_rejected():
     w = make(0, 3)
     w.receive([final(1, 0), final(2, 3)])
@@ -757,13 +805,17 @@ def test_a_finals_only_bundle_at_the_held_counts_is_vectorised():
         ([], [grad(0, 0, 1), grad(1, 1, 0)], {"bad_range": 1}),
         ([], [grad(0, 0, 1), grad(1, 0, 0, payload=vec(1, 1, 1))], {"bad_range": 1}),  # empty, at the prefix
         ([final(0, 0)], [grad(0, 0, 1)], {"after_final": 1}),  # worker 0 computed nothing
-        ([], [grad(0, 0, 1), final(0, 0)], {}),
+        ([], [grad(0, 0, 1), final(0, 0)], {"final_below_held": 1}),
         ([final(0, 1)], [grad(0, 0, 2)], {"after_final": 1}),  # past a final known before
-        ([], [grad(0, 0, 2), final(0, 1)], {}),  # past its own final (one by one: the final comes after)
+        ([], [grad(0, 0, 2), final(0, 1)], {"final_below_held": 1}),  # a count below what it sent before
         ([], [grad(0, 0, 1), final(3, 0), final(3, 0)], {"duplicate": 1}),
         ([final(3, 0)], [grad(0, 0, 1), final(3, 0)], {"duplicate": 1}),
         ([final(0, 0)], [final(0, 1)], {"conflicting_final": 1}),
-        ([grad(1, 0, 2)], [final(1, 1)], {}),  # a count below what is held
+        ([grad(1, 0, 2)], [final(1, 1)], {"final_below_held": 1}),  # a count below what is held
+        ([], [grad(0, 0, 1), grad(1, 0, 1, payload=vec(1, float("nan"), 1))], {"non_finite": 1}),
+        ([], [grad(0, 0, 1), grad(1, 0, 1 << 17, payload=vec(1, 1, 1))], {"range_too_wide": 1}),
+        ([], [grad(0, 0, 1), grad(1, 2**62, 2**62 + 1)], {"bad_range": 1}),
+        ([], [grad(0, 0, 1), final(1, 2**62 + 1)], {"bad_range": 1}),
     ],
 )
 def test_bundles_failing_a_check_go_one_message_at_a_time(prefix, messages, rejected):

@@ -110,6 +110,9 @@ class Algorithm:
     """Messages must carry vector clocks (the algorithm reads them)."""
     coalesce_gradients: ClassVar[bool] = True
     """Transports may sum queued contiguous gradients of one origin (False: every message stays separate)."""
+    takes_gradients: ClassVar[bool] = True
+    """Remote GRADIENT messages are part of the algorithm (False: the worker refuses them as
+    ``unexpected_gradient`` before recording their ids, so a stray or forged one changes nothing)."""
     single_gradient_messages: ClassVar[bool] = False
     """The algorithm needs one gradient per message (it rejects grads_per_message > 1)."""
 
@@ -160,8 +163,9 @@ class Algorithm:
         raise NotImplementedError
 
     def on_gradient(self, msg: Message) -> list[Effect]:
-        """A remote gradient message was accepted (its ids are already recorded as held)."""
-        raise NotImplementedError
+        """A remote gradient message was accepted (its ids are already recorded as held). Only called when
+        ``takes_gradients`` is true."""
+        raise NotImplementedError(f"{self.name} takes gradients but does not define on_gradient")
 
     def on_model(self, msg: Message) -> list[Effect]:
         """A MODEL message was accepted (sender and shape checked)."""

@@ -35,6 +35,7 @@ class GossipAveraging(Algorithm):
     name = "gossip"
     replicas = "none"
     needs_clocks = True
+    takes_gradients = False  # models travel, gradients never do
 
     def bind(self, worker) -> None:  # noqa: ANN001
         super().bind(worker)

@@ -29,6 +29,7 @@ class LocalSGD(Algorithm):
     replicas = "none"
     synchronous = True
     needs_clocks = True
+    takes_gradients = False  # models travel, gradients never do
 
     def bind(self, worker) -> None:  # noqa: ANN001
         super().bind(worker)

@@ -15,7 +15,15 @@ from enum import IntEnum
 import numpy as np
 import torch
 
-__all__ = ["Kind", "Message"]
+__all__ = ["Kind", "MAX_GRADIENT_ID", "MAX_GRADIENTS_PER_MESSAGE", "Message"]
+
+MAX_GRADIENT_ID = 2**62
+"""Gradient ids and counts stay below this: the vector clock holds them as int64, with room to add."""
+
+MAX_GRADIENTS_PER_MESSAGE = 1 << 16
+"""The most gradients one GRADIENT message may sum (``hi - lo``): transports coalesce up to it, and a
+worker refuses a wider range (``range_too_wide``), so a peer cannot claim a huge number of gradients at
+once. At 1,000 gradients a second per origin it is over a minute of one origin's gradients."""
 
 
 class Kind(IntEnum):
@@ -33,6 +41,9 @@ class Kind(IntEnum):
     """``payload`` is a full model (parameter vector), sent one hop by the baselines that move models
     (parameter-server replies, Local SGD rounds, gossip exchanges). ``lo <= hi`` is the algorithm's tag
     (a round number, request or reply); ``clock`` says which gradients the model holds."""
+    DEAD = 6
+    """The sender saw worker ``origin`` die (its link broke): route around it and stop waiting for it. Flooded
+    to neighbours on a sparse topology, so every survivor routes around the same workers. No payload."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -46,6 +46,7 @@ from typing import NamedTuple, overload
 import numpy as np
 
 __all__ = [
+    "SurvivorRoutes",
     "Topology",
     "TopologyError",
     "complete",
@@ -673,3 +674,48 @@ def parse_topology(text: str, n: int, seed: int = 0) -> Topology:
     if kind == "edges" and sep and arg.strip():
         return read_edge_list(arg.strip(), n)
     raise TopologyError(f"unknown topology {spec!r}: expected one of {_ACCEPTED_FORMS}")
+
+
+class SurvivorRoutes:
+    """Broadcast trees on a topology with some workers dead: each origin's tree spans the live workers it
+    can still reach, by the same shortest-path rule as :class:`Topology` (so with nobody dead the trees are
+    the same).
+
+    Why: a tree is fixed per origin, and on a sparse graph a dead worker cuts every tree that passed
+    through it, so some survivors stop receiving some origins' gradients while others still get them. Those
+    replicas then drift apart without bound (see docs/failures.md), not just fall behind. Routing around the
+    dead restores full exchange among the survivors whenever they are still connected.
+    """
+
+    def __init__(self, topology: Topology, dead: frozenset[int]) -> None:
+        self.topology = topology
+        self.dead = dead
+        self._adj = tuple(
+            () if w in dead else tuple(v for v in topology.neighbors(w) if v not in dead)
+            for w in range(topology.n)
+        )
+        self._search = lru_cache(maxsize=256)(lambda x: _search(self._adj, topology.n, x))
+
+    def children(self, origin: int, w: int) -> tuple[int, ...]:
+        """Where ``w`` forwards ``origin``'s messages (empty for a dead worker or an unreachable origin)."""
+        if origin in self.dead or w in self.dead:
+            return ()
+        parent = self._search(origin).parent
+        return tuple(v for v in self._adj[w] if parent[v] == w)
+
+    def parent(self, origin: int, w: int) -> int | None:
+        """Where ``w`` receives ``origin``'s messages from (None: ``w`` is the origin, or cannot be reached)."""
+        if w == origin:
+            return None
+        p = int(self._search(origin).parent[w]) if origin not in self.dead else -1
+        return p if p >= 0 else None
+
+    def reachable(self, w: int) -> set[int]:
+        """The live workers ``w`` can still reach (itself included)."""
+        if w in self.dead:
+            return {w}
+        return {int(v) for v in np.flatnonzero(self._search(w).depth >= 0)}
+
+    def components(self) -> list[list[int]]:
+        """The live workers in groups that can reach each other, each sorted, ordered by smallest member."""
+        return [c for c in _components(self._adj, self.topology.n) if c[0] not in self.dead]

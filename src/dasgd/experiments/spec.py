@@ -16,6 +16,7 @@ from typing import Any
 
 import yaml
 
+from dasgd.core.message import MAX_GRADIENTS_PER_MESSAGE
 from dasgd.experiments.settings import kind_of, setting
 from dasgd.experiments.simspec import SimSpec, resolve_sim_spec
 
@@ -302,6 +303,11 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
     )
     need(spec.eval_every is None or spec.eval_every > 0, "eval_every", "must be positive (seconds)")
     need(spec.grads_per_message >= 1, "grads_per_message", "must be at least 1 (1 is the theory's setting)")
+    need(
+        spec.grads_per_message <= MAX_GRADIENTS_PER_MESSAGE,
+        "grads_per_message",
+        f"must be at most {MAX_GRADIENTS_PER_MESSAGE} (the most gradients one message may sum)",
+    )
     need(spec.local_steps >= 1, "local_steps", "must be at least 1 (local steps between averages)")
     need(
         spec.staleness_bound is None or spec.staleness_bound >= 1,

@@ -85,7 +85,8 @@ class WorkerLoop:
             now = clock.now()
             if self.evaluator is not None and p.evaluation_due(now):
                 p.evaluated(now, self.evaluator(), finished=clock.now())
-            out, action = p.step(clock.now(), transport.poll())
+            dead = transport.stats().dead_peers  # before polling: see the drain below
+            out, action = p.step(clock.now(), transport.poll(), dead)
             send_all(transport, out)
             if isinstance(action, Compute):
                 t0 = clock.now()

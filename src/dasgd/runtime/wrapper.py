@@ -35,6 +35,7 @@ from dasgd.core.topology import Topology, complete, parse_topology
 from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import send_all
 from dasgd.runtime.session import DistributedSession
+from dasgd.transport.handshake import agree_run_nonce
 from dasgd.transport.torchdist import TorchDistTransport
 from dasgd.worker.protocol import Finished, StopPolicy, WorkerProtocol
 from dasgd.worker.worker import Gradient, Worker
@@ -95,6 +96,7 @@ class DecentralizedSGD:
             p.data.copy_(host)
         self.worker = Worker(rank, n, model, topo, DASGD(), self._lr)
         params = self.worker.params
+        nonce = agree_run_nonce(self.session.collective_group)  # binds every message to this run
         if params.is_cuda:
             # CUDA replicas: headers over Gloo, payloads over NCCL (see transport/splitplane.py).
             from dasgd.transport.splitplane import SplitPlaneTransport, make_data_groups
@@ -110,10 +112,11 @@ class DecentralizedSGD:
                 up,
                 down,
                 key=key,
+                nonce=nonce,
             )
         else:
             self.transport = TorchDistTransport(
-                rank, n, params.numel(), params.dtype, group=self.session.p2p_group, key=key
+                rank, n, params.numel(), params.dtype, group=self.session.p2p_group, key=key, nonce=nonce
             )
         self.clock = WallClock(self.session.shared_origin(time.time()))
         self.ledger = StalenessLedger(n)
@@ -142,9 +145,17 @@ class DecentralizedSGD:
         grad = flat_grad(self.model, w.params)
         gradient = Gradient(grad, self._clock_at_start, float("nan"))
         send_all(self.transport, p.gradient_done(gradient, self._t_start, t_end))
+        if w.diverged:
+            send_all(self.transport, w.request_stop())  # the peers stop too, rather than wait for this one
+            raise FloatingPointError(
+                f"worker {w.rank}: the gradient holds a NaN or an infinity (the model diverged); it was not "
+                "applied or sent, and every worker was asked to stop. Lower the learning rate, or check the loss "
+                "for a division by zero or a log of zero"
+            )
         # Gradients from peers land after our own one, so that the record above describes exactly the
         # replica the user's forward/backward pass ran on.
-        send_all(self.transport, p.receive(self.transport.poll()))
+        dead = self.transport.stats().dead_peers  # before polling, so nothing a dead peer sent is left
+        send_all(self.transport, p.receive(self.transport.poll(), dead))
         self._clock_at_start = w.clock.copy()
         self._t_start = self.clock.now()
 

@@ -208,7 +208,7 @@ class Simulation:
         """The top of a step: the protocol applies arrivals, checks the stop rules, says compute or wait."""
         worker = self.workers[w]
         t = self.clock.now()
-        out, action = self.protocols[w].step(t, self.transports[w].poll())
+        out, action = self.protocols[w].step(t, self.transports[w].poll(), self.net.stats[w].dead_peers)
         self._send(w, out)
         if self.protocols[w].phase is Phase.DRAINING:
             self._stop(w)

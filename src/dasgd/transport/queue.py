@@ -23,7 +23,7 @@ import threading
 from collections import deque
 from dataclasses import dataclass
 
-from dasgd.core.message import Kind, Message
+from dasgd.core.message import MAX_GRADIENTS_PER_MESSAGE, Kind, Message
 
 __all__ = ["CoalescingQueue", "QueueStats"]
 
@@ -80,6 +80,7 @@ class CoalescingQueue:
                 and last is not None
                 and last.msg.kind == Kind.GRADIENT
                 and last.msg.hi == msg.lo
+                and msg.hi - last.msg.lo <= MAX_GRADIENTS_PER_MESSAGE  # receivers refuse wider ranges
                 and last.msg.payload is not None
                 and msg.payload is not None
             ):

@@ -26,6 +26,8 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+import torch
+
 from dasgd.core.ledger import StalenessLedger
 from dasgd.core.message import Message
 from dasgd.worker.rules import stop_reason
@@ -128,15 +130,19 @@ class WorkerProtocol:
             self.next_eval = self.start
 
     # -- training -----------------------------------------------------------------------------------------
-    def step(self, now: float, arrived: list[Message]) -> tuple[list[Outgoing], Action]:
-        """The top of a training step: apply what arrived, check the stop rules, then compute or wait.
+    def step(
+        self, now: float, arrived: list[Message], dead_peers: Iterable[int] = ()
+    ) -> tuple[list[Outgoing], Action]:
+        """The top of a training step: note the peers seen dead (read before ``arrived``, as in
+        :meth:`drain`), apply what arrived, check the stop rules, then compute or wait.
 
         When a rule fires the worker stops here: its STOP and FINAL go out with the returned messages, the
         phase is DRAINING and the action waits for the drain deadline; the driver goes on with :meth:`drain`.
         """
         self._require(Phase.TRAINING, Phase.WAITING)
         w = self.worker
-        out = w.receive(arrived)
+        out = self._note_dead(dead_peers)
+        out += w.receive(arrived)
         reason = stop_reason(
             w,
             now - self.start,
@@ -162,6 +168,11 @@ class WorkerProtocol:
         """The gradient started at ``started`` is complete at ``finished``: record it, commit it, and return
         what must be sent. Call :meth:`step` next."""
         self._require(Phase.TRAINING)
+        if not bool(torch.isfinite(gradient.grad).all()):
+            # The replica diverged (a NaN or infinity in its own gradient): the gradient is neither applied
+            # nor sent, and the next step stops the worker with reason "diverged" and tells every peer.
+            self.worker.diverged = True
+            return []
         if self.ledger is not None:
             self.ledger.record(self.worker.rank, self.worker.computed, started, finished, gradient.clock)
         return self.worker.commit(gradient)
@@ -181,11 +192,12 @@ class WorkerProtocol:
         return record
 
     # -- stop and drain -----------------------------------------------------------------------------------
-    def receive(self, arrived: list[Message]) -> list[Outgoing]:
+    def receive(self, arrived: list[Message], dead_peers: Iterable[int] = ()) -> list[Outgoing]:
         """Apply what arrived without checking the stop rules: for a driver whose user decides when to stop
         (the wrapper); a peer's request to stop shows in ``worker.stop_requested``."""
         self._require(Phase.TRAINING, Phase.WAITING)
-        return self.worker.receive(arrived)
+        out = self._note_dead(dead_peers)
+        return out + self.worker.receive(arrived)
 
     def stop(self, now: float, reason: str, tell_peers: bool = True) -> list[Outgoing]:
         """Stop now for ``reason`` (the driver's own: a user's loop that ends): announce the final count, and
@@ -208,7 +220,7 @@ class WorkerProtocol:
         """
         self._require(Phase.DRAINING)
         out = self.worker.receive(arrived)
-        return out, self._drain_check(now, dead_peers)
+        return out, self._drain_check(now, dead_peers, out)
 
     def give_up(self, now: float) -> Finished:
         """The drain deadline passed (or the driver ended it): the worker is done, not drained."""
@@ -227,9 +239,16 @@ class WorkerProtocol:
         self.train_end = now
         return out
 
-    def _drain_check(self, now: float, dead_peers: Iterable[int]) -> Action:
+    def _note_dead(self, dead_peers: Iterable[int]) -> list[Outgoing]:
+        """Declare the peers the driver saw die (the first time each is seen), during training too: on a
+        sparse graph the broadcast trees then route around them at once, not only in the drain."""
+        out: list[Outgoing] = []
         for peer in dead_peers:
-            self.worker.declare_dead(peer)
+            out += self.worker.declare_dead(peer)  # returns at once for a peer already declared
+        return out
+
+    def _drain_check(self, now: float, dead_peers: Iterable[int], out: list[Outgoing]) -> Action:
+        out += self._note_dead(dead_peers)
         if self.worker.complete:
             self.phase = Phase.DONE
             self.drained = True

@@ -23,11 +23,14 @@ def stop_reason(
 ) -> str:
     """Why ``worker`` should stop now, or "" to go on.
 
+    - "diverged": this worker computed a gradient with a NaN or infinity (its replica diverged);
     - "stop_requested": a peer asked (a STOP message arrived);
     - "max_gradients": the replica holds the run's gradient budget T (its view of the total);
     - "max_seconds": the time budget is spent (wall or virtual seconds since the start);
     - "target_accuracy": the last evaluation of this replica reached the target.
     """
+    if worker.diverged:
+        return "diverged"
     if worker.stop_requested:
         return "stop_requested"
     if max_gradients is not None and worker.applied >= max_gradients:

@@ -47,8 +47,8 @@ from dasgd.algorithms.effects import (
     Step,
 )
 from dasgd.core.gradset import GradientSet
-from dasgd.core.message import Kind, Message
-from dasgd.core.topology import Topology
+from dasgd.core.message import MAX_GRADIENT_ID, MAX_GRADIENTS_PER_MESSAGE, Kind, Message
+from dasgd.core.topology import SurvivorRoutes, Topology
 from dasgd.worker.audit import AuditTrail
 from dasgd.worker.replica import flat_grad, flatten_parameters
 
@@ -146,12 +146,20 @@ class Worker:
             else topology.children(rank, rank)
         )
         self._complete = len(topology.edges) == world_size * (world_size - 1) // 2
+        # The broadcast trees in use: the topology's, until a worker dies on a sparse graph; then the trees
+        # of the survivors (declare_dead), so gradients still reach every survivor it can reach.
+        self._routes: Topology | SurvivorRoutes = topology
+        self._unreachable = np.zeros(world_size, dtype=bool)
         self._pending: torch.Tensor | None = None  # own gradients not yet sent (B > 1)
         self._pending_lo = 0
         self.computed = 0
         self.stopped = False
         self.stop_requested = False
         self.rejected: Counter[str] = Counter()
+        self.non_finite_origins: Counter[int] = Counter()
+        """Origins whose messages carried a NaN or infinity (refused), with how many such messages."""
+        self.diverged = False
+        """This worker computed a non-finite gradient (its replica diverged): it stops, reason "diverged"."""
         self._completed = False
         self.audit: AuditTrail | None = None
         """The replica's audit trail, when :meth:`start_audit` was called (tests and ``--audit`` runs)."""
@@ -184,8 +192,19 @@ class Worker:
     # -- state ---------------------------------------------------------------------------------------
     @property
     def applied(self) -> int:
-        """Gradients the replica holds (own ones included)."""
-        return int(self.clock.sum())
+        """Gradients the replica holds (own ones included), those beyond a gap too."""
+        total = int(self.clock.sum())
+        for origin, ids in self._gaps.items():
+            total += len(ids) - int(self.clock[origin])
+        return total
+
+    def held(self) -> np.ndarray:
+        """How many gradients of each origin the replica holds: the clock, except where ids arrived past a
+        gap (a reordering, or gradients lost through a dead forwarder), where it counts every id held."""
+        counts = self.clock.copy()
+        for origin, ids in self._gaps.items():
+            counts[origin] = len(ids)
+        return counts
 
     @property
     def computes(self) -> bool:
@@ -215,19 +234,45 @@ class Worker:
 
     def holds_every_final(self) -> bool:
         """Every live worker's final count is known and every one of their gradients is held."""
-        live = ~self._dead
-        if not (self._finals[live] >= 0).all() or not (self.clock[live] == self._finals[live]).all():
+        live = ~self._dead & ~self._unreachable
+        if not (self._finals[live] >= 0).all():
+            return False
+        if self._routes is not self.topology:
+            # Routed around a dead forwarder: what a live origin sent through it before the trees changed
+            # never arrives, and links are FIFO, so its FINAL (sent last, on the new tree) means the rest
+            # is in. The ids that fell into the gap are reported as lost by the summary.
+            return True
+        if not (self.clock[live] == self._finals[live]).all():
             return False
         return not any(live[o] for o in self._gaps)
 
-    def declare_dead(self, origin: int) -> None:
-        """Stop waiting for ``origin`` (its process died): the drain completes without its final count.
+    def declare_dead(self, origin: int) -> list[Outgoing]:
+        """Stop waiting for ``origin`` (its process died) and, on a sparse topology, route around it.
 
         What this replica holds of the dead worker's gradients stays applied; gradients that reached some
-        replicas and not others are reported as lost by the run summary.
+        replicas and not others are reported as lost by the run summary. On a sparse graph the broadcast
+        trees are recomputed without the dead (:class:`SurvivorRoutes`), and the death is announced to the
+        live neighbours (returned DEAD messages), so survivors that never had a link to the dead worker learn
+        it too. Survivors the dead cut off from this one are not waited for either (``unreachable``).
         """
-        if origin != self.rank:
-            self._dead[origin] = True
+        if not 0 <= origin < self.world_size or origin == self.rank or self._dead[origin]:
+            return []
+        self._dead[origin] = True
+        if self._complete:
+            return []  # every survivor has a direct link to every other: nothing to route around
+        routes = SurvivorRoutes(self.topology, frozenset(self.dead))
+        self._routes = routes
+        self._own_children = routes.children(self.rank, self.rank)
+        self._unreachable[:] = True
+        self._unreachable[list(routes.reachable(self.rank))] = False
+        self._unreachable[self._dead] = False
+        notice = Message(Kind.DEAD, self.rank, origin, 0, 0)
+        return [(peer, notice) for peer in self.topology.neighbors(self.rank) if not self._dead[peer]]
+
+    @property
+    def unreachable(self) -> set[int]:
+        """Live workers this one can no longer reach: the dead cut the topology between them."""
+        return {int(o) for o in np.flatnonzero(self._unreachable)}
 
     @property
     def dead(self) -> set[int]:
@@ -276,11 +321,15 @@ class Worker:
                 self._finals[msg.origin] = msg.hi
             elif msg.kind == Kind.STOP:
                 self.stop_requested = True
+            elif msg.kind == Kind.DEAD:
+                # Flooded: each survivor announces it once, to every live neighbour but the one that told it.
+                forward.extend((p, m) for p, m in self.declare_dead(msg.origin) if p != msg.sender)
+                continue
             else:
                 continue  # SHUTDOWN is for the transport
             if self._complete:
                 continue  # on a complete graph every origin reaches everyone directly: nothing to forward
-            children = self.topology.children(msg.origin, self.rank)
+            children = self._routes.children(msg.origin, self.rank)
             if children:
                 fwd = msg.forwarded_by(self.rank)
                 forward.extend((c, fwd) for c in children)
@@ -433,6 +482,10 @@ class Worker:
             or not self.algorithm.commutes
             or self._gaps
             or (bundle.payload is not None and bundle.payload.numel() != self.params.numel())
+            or (bundle.payload is not None and not bool(torch.isfinite(bundle.payload).all()))
+            or (len(origin) and int((hi - lo).max()) > MAX_GRADIENTS_PER_MESSAGE)
+            or (len(hi) and int(hi.max()) > MAX_GRADIENT_ID)
+            or (len(f_count) and (int(f_count.min()) < 0 or int(f_count.max()) > MAX_GRADIENT_ID))
             or (len(every) and (every.min() < 0 or every.max() >= n or (every == self.rank).any()))
             or (hi <= lo).any()
             or (self._finals[f_origin] >= 0).any()
@@ -454,8 +507,8 @@ class Worker:
             finals = finals[o[last]]
             if (lo_s != expected).any() or ((finals >= 0) & (hi_s[last] > finals)).any():
                 return self.receive(bundle.expand())
-        elif len(f_origin) and (f_count < self.clock[f_origin]).any():
-            return self.receive(bundle.expand())
+        if len(f_origin) and (f_count < self.clock[f_origin]).any():
+            return self.receive(bundle.expand())  # a FINAL below what is held: refused one by one
         if len(origin):
             if self.audit is not None:
                 for part in range(len(origin)):
@@ -526,8 +579,19 @@ class Worker:
             self.rejected["own_message"] += 1  # a route loop or a forged origin; never re-apply own work
             return None
         # On a complete graph every origin sends directly (the common case; skips a tree lookup per message).
-        parent = msg.origin if self._complete else self.topology.parent(msg.origin, self.rank)
-        if parent != msg.sender:
+        if msg.kind == Kind.DEAD:
+            # Any live neighbour may announce a death; it travels one hop at a time.
+            if msg.sender not in self.topology.neighbors(self.rank) or msg.payload is not None:
+                self.rejected["wrong_route"] += 1
+                return None
+            return msg
+        parent = msg.origin if self._complete else self._routes.parent(msg.origin, self.rank)
+        if parent != msg.sender and not (
+            # While survivors switch to the new trees, a neighbour may forward by the old tree or the new one
+            # (and a dead one's last messages still arrive): accept any neighbour's, since the exactly-once
+            # check refuses anything already held.
+            self._routes is not self.topology and msg.sender in self.topology.neighbors(self.rank)
+        ):
             self.rejected["wrong_route"] += 1
             return None
         if msg.kind == Kind.MODEL:
@@ -537,13 +601,21 @@ class Worker:
             if msg.payload is None or msg.payload.numel() != self.params.numel():
                 self.rejected["shape"] += 1
                 return None
+            if not self._finite(msg):
+                return None
             return self._as_local(msg)
         if msg.kind == Kind.GRADIENT:
+            if not self.algorithm.takes_gradients:
+                self.rejected["unexpected_gradient"] += 1
+                return None
             if msg.payload is None or msg.payload.numel() != self.params.numel():
                 self.rejected["shape"] += 1
                 return None
-            if msg.lo < 0 or msg.hi <= msg.lo:
+            if msg.lo < 0 or msg.hi <= msg.lo or msg.hi > MAX_GRADIENT_ID:
                 self.rejected["bad_range"] += 1
+                return None
+            if msg.hi - msg.lo > MAX_GRADIENTS_PER_MESSAGE:
+                self.rejected["range_too_wide"] += 1
                 return None
             if self._holds_any(msg.origin, msg.lo, msg.hi):
                 self.rejected["duplicate"] += 1
@@ -552,8 +624,37 @@ class Worker:
             if final >= 0 and msg.hi > final:
                 self.rejected["after_final"] += 1
                 return None
+            if not self._finite(msg):
+                return None
             return self._as_local(msg)
+        if msg.kind == Kind.FINAL:
+            if not 0 <= msg.hi <= MAX_GRADIENT_ID:
+                self.rejected["bad_range"] += 1
+                return None
+            if msg.hi < self._held_bound(msg.origin) and self._finals[msg.origin] < 0:
+                # Fewer gradients than this replica already holds of the origin: the count is false, and
+                # taking it would refuse the origin's later gradients as "after the final count".
+                self.rejected["final_below_held"] += 1
+                return None
         return msg
+
+    def _finite(self, msg: Message) -> bool:
+        """Whether a payload is finite; a NaN or infinity is refused and its origin flagged, so a diverging
+        peer shows in the summary instead of silently poisoning this replica."""
+        assert msg.payload is not None
+        if bool(torch.isfinite(msg.payload).all()):
+            return True
+        self.rejected["non_finite"] += 1
+        self.non_finite_origins[msg.origin] += 1
+        return False
+
+    def _held_bound(self, origin: int) -> int:
+        """One past the highest id of ``origin`` held (the clock, or the top of a gap set)."""
+        gaps = self._gaps.get(origin)
+        if gaps is None:
+            return int(self.clock[origin])
+        ranges = gaps.ranges()
+        return max(int(self.clock[origin]), ranges[-1][1] if ranges else 0)
 
     def _as_local(self, msg: Message) -> Message:
         assert msg.payload is not None

@@ -1,0 +1,134 @@
+"""Workers that die on a sparse topology: the survivors route around them (issue: a dead forwarder used to
+cut the broadcast trees through it, and the replicas on either side drifted apart without bound)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from dasgd.algorithms import DASGD
+from dasgd.core.message import Kind, Message
+from dasgd.core.topology import SurvivorRoutes, complete, from_edges, ring, torus
+from dasgd.experiments.spec import resolve_spec
+from dasgd.runs.simulate import build_simulation
+from dasgd.worker.worker import Worker
+
+
+@pytest.mark.parametrize("topology", [ring(6), torus(3, 3), from_edges(5, [(0, 1), (1, 2), (2, 3), (3, 4), (0, 4), (1, 3)])])
+def test_with_nobody_dead_the_survivor_trees_are_the_topology_trees(topology):
+    routes = SurvivorRoutes(topology, frozenset())
+    for origin in range(topology.n):
+        for w in range(topology.n):
+            assert routes.children(origin, w) == topology.children(origin, w)
+            assert routes.parent(origin, w) == topology.parent(origin, w)
+
+
+def test_on_a_ring_the_trees_go_the_other_way_round_a_dead_worker():
+    topo = ring(4)
+    assert topo.parent(0, 2) == 1  # 0's gradients reach 2 through 1
+    routes = SurvivorRoutes(topo, frozenset({1}))
+    assert routes.parent(0, 2) == 3 and routes.children(0, 3) == (2,) and routes.children(0, 0) == (3,)
+    assert routes.parent(2, 0) == 3 and routes.children(2, 3) == (0,)
+    assert routes.children(1, 0) == () and routes.parent(1, 0) is None  # the dead one has no tree
+    assert routes.reachable(0) == {0, 2, 3} and routes.components() == [[0, 2, 3]]
+
+
+def test_survivors_cut_apart_are_named_by_their_groups():
+    routes = SurvivorRoutes(ring(6), frozenset({1, 4}))
+    assert routes.components() == [[0, 5], [2, 3]]
+    assert routes.reachable(0) == {0, 5} and routes.parent(2, 0) is None
+
+
+def _vec_worker(rank: int, topology) -> Worker:  # noqa: ANN001
+    model = nn.Linear(1, 1, bias=False)
+    return Worker(rank, topology.n, model, topology, DASGD(), 0.5)
+
+
+def grad(origin: int, lo: int, sender: int) -> Message:
+    return Message(Kind.GRADIENT, sender, origin, lo, lo + 1, torch.ones(1))
+
+
+def test_a_worker_that_sees_a_death_reroutes_and_tells_its_live_neighbours_once():
+    w = _vec_worker(0, ring(4))
+    out = w.declare_dead(1)
+    assert [(p, m.kind, m.origin) for p, m in out] == [(3, Kind.DEAD, 1)]
+    assert w.declare_dead(1) == [] and w.declare_dead(0) == []
+    # Its own gradients now go to 3 only (which forwards them to 2).
+    assert [p for p, _ in w.commit(_own(w))] == [3]
+    # 2's gradients now come through 3; a late one forwarded by the dead worker is still taken once.
+    w.receive([grad(2, 0, sender=3), grad(2, 1, sender=1), grad(2, 1, sender=3)])
+    assert w.held().tolist() == [1, 0, 2, 0] and w.rejected == {"duplicate": 1}
+
+
+def _own(w: Worker):  # noqa: ANN202
+    from dasgd.worker.worker import Gradient
+
+    return Gradient(torch.ones(1), w.clock.copy(), 0.0)
+
+
+def test_a_death_notice_is_flooded_so_a_worker_without_a_link_to_the_dead_learns_it():
+    w3 = _vec_worker(3, ring(4))
+    assert w3.topology.children(0, 3) == ()
+    out = w3.receive([Message(Kind.DEAD, 0, 1)])
+    assert w3.dead == {1}
+    assert [(p, m.kind, m.origin, m.sender) for p, m in out] == [(2, Kind.DEAD, 1, 3)]  # on to the other side
+    assert w3.receive([Message(Kind.DEAD, 2, 1)]) == []  # known already: not flooded again
+    fwd = w3.receive([grad(0, 0, sender=0)])
+    assert [(p, m.origin) for p, m in fwd] == [(2, 0)]  # 0's gradients now pass through 3 to reach 2
+    # A notice from a worker that is not a neighbour is refused.
+    assert w3.receive([Message(Kind.DEAD, 1, 2)]) == [] and w3.rejected == {"wrong_route": 1}
+
+
+def test_on_a_complete_graph_a_death_needs_no_rerouting():
+    w = _vec_worker(0, complete(4))
+    assert w.declare_dead(2) == [] and w.dead == {2}
+
+
+def _simulate(topology: str, crashes: list[str], workers: int = 4):  # noqa: ANN202
+    spec = resolve_spec(
+        {},
+        simulate=True,
+        task="quadratic",
+        dim=8,
+        workers=workers,
+        topology=topology,
+        max_seconds=3.0,
+        max_gradients=None,
+        simulation={"crashes": crashes},
+    )
+    engine, _, _ = build_simulation(spec)
+    out = engine.run()
+    return engine, out
+
+
+def test_after_a_forwarder_dies_every_survivor_still_gets_every_survivors_gradients():
+    engine, out = _simulate("ring", ["1@1"])
+    live = [0, 2, 3]
+    computed = {r: engine.workers[r].computed for r in live}
+    assert min(computed.values()) > 250  # three times as many after the death as before it
+    for r in live:
+        held = engine.workers[r].held()
+        for o in live:
+            # At most what was in flight through the dead worker when it died is missing.
+            assert computed[o] - 3 <= held[o] <= computed[o], (r, o, held.tolist(), computed)
+    assert all(out.drained[r] for r in live)
+
+
+def test_survivors_cut_apart_finish_their_drain_and_say_who_they_cannot_reach():
+    engine, out = _simulate("ring", ["1@1", "4@1"], workers=6)
+    assert engine.workers[0].unreachable == {2, 3}
+    assert engine.workers[2].unreachable == {0, 5}
+    assert all(out.drained[r] for r in (0, 2, 3, 5))
+    held = engine.workers[0].held()
+    assert held[5] == engine.workers[5].computed  # its own side is complete
+    assert held[2] < engine.workers[2].computed  # the other side's later gradients never came
+
+
+def test_the_replicas_of_a_rerouted_ring_stay_close_to_each_other():
+    engine, _ = _simulate("ring", ["1@1"])
+    params = [engine.workers[r].params.detach().double() for r in (0, 2, 3)]
+    spread = max(float(torch.max(torch.abs(p - params[0]))) for p in params)
+    scale = float(torch.max(torch.abs(params[0])))
+    assert np.isfinite(spread) and spread < 0.05 * max(scale, 1.0), (spread, scale)
