@@ -75,13 +75,13 @@ def run_dasgd(task: str, gradients: int, lr: float) -> dict[str, Any]:
         log = read_event_log(Path(tmp) / "events.jsonl")
     order = np.argsort(log.index)
     starts, ends = np.asarray(log.start)[order], np.asarray(log.end)[order]
-    if len(starts) != gradients or summary["gradients_computed"] != gradients:
+    if len(starts) != gradients or summary.gradients_computed != gradients:
         raise RuntimeError(
-            f"dasgd computed {summary['gradients_computed']} gradients ({len(starts)} logged), expected {gradients}"
+            f"dasgd computed {summary.gradients_computed} gradients ({len(starts)} logged), expected {gradients}"
         )
-    out = _measures(starts, ends, float(summary["wall_time_s"]))
-    out["param_checksum"] = summary["per_worker"][0]["param_checksum"]
-    out["final_test_accuracy"] = summary["final_metrics"].get("test_accuracy")
+    out = _measures(starts, ends, float(summary.wall_time_s))
+    out["param_checksum"] = summary.per_worker[0].param_checksum
+    out["final_test_accuracy"] = summary.final_metrics.get("test_accuracy")
     return out
 
 

@@ -66,22 +66,24 @@ def child(task: str, workers: int, gradients: int, extra: dict, out: str) -> Non
         t0 = time.perf_counter()
         summary = simulate(spec, Path(tmp) / "run")
         wall = time.perf_counter() - t0
-    deliveries = sum(w["applied"] - w["computed"] for w in summary["per_worker"])
+    deliveries = sum(w.applied - w.computed for w in summary.per_worker)
+    sim = summary.simulation or {}
     Path(out).write_text(
         json.dumps(
             {
                 "workers": workers,
                 "task": task,
-                "gradients": summary["gradients_computed"],
+                "gradients": summary.gradients_computed,
                 "deliveries": deliveries,
-                "events": summary["simulation"]["events"],
+                "events": sim["events"],
                 "wall_s": wall,
-                "sim_wall_s": summary["simulation"]["wall_time_s"],
+                "sim_wall_s": sim["wall_time_s"],
                 "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-                "s_avg": summary["staleness"]["s_avg"],
-                "replicas_agree": summary["replicas_agree"],
-                "virtual_s": summary["simulation"]["virtual_end_s"],
-                "test_accuracy": summary["final_metrics"].get("test_accuracy"),
+                "s_avg": summary.staleness["s_avg"],
+                "replicas_agree": summary.replicas_agree,
+                "virtual_s": sim["virtual_end_s"],
+                "test_accuracy": summary.final_metrics.get("test_accuracy"),
+                # Optional key (a spec with a target only): the mapping's get gives None when it is absent.
                 "gradients_to_target": summary.get("gradients_to_target"),
             }
         )

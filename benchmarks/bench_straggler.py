@@ -99,12 +99,12 @@ def run_dasgd(straggler: bool, eval_every: float) -> dict[str, Any]:
         "gradients_at_target": None if hit is None else int(hit["gradients"]),
         "evaluations": len(evals),
         "first_eval_s": first_eval,
-        "stop_reason": summary["stop_reason"],
-        "wall_time_s": summary["wall_time_s"],
-        "computed_per_worker": [w["computed"] for w in summary["per_worker"]],
-        "s_per_gradient_per_worker": [w["compute_s_per_gradient"] for w in summary["per_worker"]],
-        "staleness": {k: summary["staleness"].get(k) for k in ("s_avg", "s_max")},
-        "final_test_accuracy": summary["final_metrics"].get("test_accuracy"),
+        "stop_reason": summary.stop_reason,
+        "wall_time_s": summary.wall_time_s,
+        "computed_per_worker": [w.computed for w in summary.per_worker],
+        "s_per_gradient_per_worker": [w.compute_s_per_gradient for w in summary.per_worker],
+        "staleness": {k: summary.staleness.get(k) for k in ("s_avg", "s_max")},
+        "final_test_accuracy": summary.final_metrics.get("test_accuracy"),
     }
 
 

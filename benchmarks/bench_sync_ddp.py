@@ -34,7 +34,7 @@ def run_sync(task: str, seconds: float) -> float:
         s = dasgd.train(
             task=task, workers=WORKERS, algorithm="sync", max_seconds=seconds, eval_every=1e9, run_dir=tmp
         )
-    return float(s["samples_per_s"])
+    return float(s.samples_per_s)
 
 
 def run_ddp(task: str, seconds: float, lr: float, batch_size: int) -> float:

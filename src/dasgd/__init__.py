@@ -2,6 +2,7 @@
 
 Public API:
 - :func:`train`: run a spec with real local worker processes and return its summary.
+- :class:`RunSummary`: that summary, typed (one field per ``summary.json`` key; also a read-only mapping).
 - :class:`RunSpec`, :func:`resolve_spec`: the typed run spec.
 - :class:`DecentralizedSGD`: DASGD inside your own torchrun training loop.
 - :func:`compute_staleness`: exact S_avg, S_max, S^_avg, S^_max of recorded gradients.
@@ -10,10 +11,12 @@ Public API:
 from dasgd.api import train
 from dasgd.core.ledger import StalenessStats, compute_staleness
 from dasgd.experiments.spec import RunSpec, SpecError, resolve_spec
+from dasgd.runs.summary import RunSummary
 
 __all__ = [
     "DecentralizedSGD",
     "RunSpec",
+    "RunSummary",
     "SpecError",
     "StalenessStats",
     "compute_staleness",

@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dasgd.experiments.spec import RunSpec, resolve_spec
+
+if TYPE_CHECKING:
+    from dasgd.runs.summary import RunSummary
 
 __all__ = ["train"]
 
 
-def train(spec: RunSpec | dict[str, Any] | None = None, **overrides: Any) -> dict[str, Any]:
-    """Train with real worker processes on this machine; return the run summary (as summary.json).
+def train(spec: RunSpec | dict[str, Any] | None = None, **overrides: Any) -> RunSummary:
+    """Train with real worker processes on this machine; return the run summary.
+
+    The summary (:class:`dasgd.RunSummary`) has one typed attribute per key of the run's ``summary.json``
+    (``summary.final_metrics``, ``summary.gradients_lost``) and also reads as a read-only mapping with the
+    file's keys (``summary["final_metrics"]["test_accuracy"]``); ``summary.to_dict()`` is the file's content.
 
     ``spec`` is a RunSpec, a dict of spec keys, or None; keyword arguments override it, e.g.
     ``dasgd.train(task="digits-logreg", workers=2, max_gradients=500)``. Raises SpecError for bad values.

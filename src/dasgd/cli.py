@@ -101,18 +101,18 @@ def _train(args: argparse.Namespace) -> int:
     finally:
         close()
     if args.json:
-        print(json.dumps(summary, indent=2))
+        print(json.dumps(summary.to_dict(), indent=2, default=plain))
     else:
         print(format_summary(summary))
         print(f"run directory: {run_dir}  (report: {run_dir / 'report.md'})")
     problems = []
-    if summary.get("failed_workers"):
+    if summary.failed_workers:
         problems.append(
-            f"worker(s) {', '.join(summary['failed_workers'])} died; the survivors finished without them"
+            f"worker(s) {', '.join(summary.failed_workers)} died; the survivors finished without them"
         )
-    if summary.get("gradients_lost", 0):
-        problems.append(f"{summary['gradients_lost']} gradients are missing from some replica")
-    if summary.get("replicas_agree") is False:
+    if summary.gradients_lost:
+        problems.append(f"{summary.gradients_lost} gradients are missing from some replica")
+    if summary.replicas_agree is False:
         problems.append("the replicas do not agree at the end")
     for problem in problems:
         print(f"dasgd: warning: {problem}", file=sys.stderr)
@@ -179,6 +179,7 @@ def _simulate_one(args: argparse.Namespace) -> int:
     from dasgd.experiments.spec import resolve_spec
     from dasgd.runs.report import format_summary, format_value
     from dasgd.runs.simulate import simulate
+    from dasgd.runs.summary import UNSET, RunSummary
 
     _check_target_loss(args)
     values = simulation_values(args)
@@ -187,15 +188,17 @@ def _simulate_one(args: argparse.Namespace) -> int:
     spec = dataclasses.replace(spec, run_dir=str(run_dir))
     check_trace(spec)
     update, close = simulation_progress(spec, not args.no_progress and sys.stderr.isatty())
-    summary = None
+    summary: RunSummary | None = None
     try:
         summary = simulate(spec, run_dir, on_progress=update)
     finally:
-        sim_facts = (summary or {}).get("simulation", {})
         close(
             None
             if summary is None
-            else {"computed": summary["gradients_computed"], "time": sim_facts.get("virtual_end_s", 0.0)}
+            else {
+                "computed": summary.gradients_computed,
+                "time": (summary.simulation or {}).get("virtual_end_s", 0.0),
+            }
         )
     if args.target_loss is not None:
         from dasgd.metrics.eventlog import read_event_log
@@ -204,12 +207,14 @@ def _simulate_one(args: argparse.Namespace) -> int:
         grads, when = loss_to_target(
             read_event_log(run_dir / "events.jsonl", clocks=False).evals, args.target_loss
         )
-        summary["target_loss"] = args.target_loss
-        summary["gradients_to_target"], summary["time_to_target_s"] = grads, when
+        # Measured from the event log after summary.json was written: only the printed summary has these.
+        summary = dataclasses.replace(
+            summary, target_loss=args.target_loss, gradients_to_target=grads, time_to_target_s=when
+        )
     if args.json:
-        print(json.dumps(summary, indent=2, default=plain))
+        print(json.dumps(summary.to_dict(), indent=2, default=plain))
     else:
-        sim = summary.get("simulation", {})
+        sim = summary.simulation or {}
         print(format_summary(summary))
         facts = (
             f"simulation: {format_value(sim.get('events'))} events, virtual end "
@@ -223,23 +228,23 @@ def _simulate_one(args: argparse.Namespace) -> int:
         ]
         facts += "".join(f"; {name} {value}" for name, value in extras if value is not None)
         print(facts)
-        if "gradients_to_target" in summary:
+        if summary.gradients_to_target is not UNSET:
             target = (
                 f"loss <= {args.target_loss:g}"
                 if args.target_loss is not None
-                else f"accuracy >= {format_value(summary.get('target_accuracy'))}"
+                else f"accuracy >= {format_value(summary.target_accuracy)}"
             )
             print(
-                f"target {target}: {format_value(summary['gradients_to_target'])} gradients, "
-                f"{format_value(summary['time_to_target_s'])} virtual s"
+                f"target {target}: {format_value(summary.gradients_to_target)} gradients, "
+                f"{format_value(summary.time_to_target_s)} virtual s"
             )
         print(f"run directory: {run_dir}  (report: {run_dir / 'report.md'})")
     problems = []
-    if summary.get("gradients_lost", 0):
-        problems.append(f"{summary['gradients_lost']} gradients are missing from some replica")
-    if summary.get("replicas_agree") is False:
+    if summary.gradients_lost:
+        problems.append(f"{summary.gradients_lost} gradients are missing from some replica")
+    if summary.replicas_agree is False:
         problems.append("the replicas do not agree at the end")
-    if not summary.get("drained", True):
+    if not summary.drained:
         problems.append("the end-of-run drain did not complete (a replica still misses gradients)")
     if not problems:
         return EXIT_OK

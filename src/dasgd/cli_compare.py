@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dasgd.cli_common import (
     EXIT_FAILED,
@@ -32,6 +32,9 @@ from dasgd.cli_common import (
     simulation_values,
     spec_overrides,
 )
+
+if TYPE_CHECKING:
+    from dasgd.runs.summary import RunSummary
 
 __all__ = ["add_compare_parser", "run_compare"]
 
@@ -113,20 +116,22 @@ def _check_flags(args: argparse.Namespace) -> None:
 def _run_one(args: argparse.Namespace, simulate: bool, show: bool):
     """The function that runs one spec, with the per-run progress bar of `train` or `simulate`."""
 
-    def run(spec: Any, run_dir: Path) -> dict[str, Any]:
+    def run(spec: Any, run_dir: Path) -> RunSummary:
         if simulate:
             from dasgd.runs.simulate import simulate as run_simulated
 
             update, close = simulation_progress(spec, show)
-            summary = None
+            summary: RunSummary | None = None
             try:
                 summary = run_simulated(spec, run_dir, on_progress=update)
             finally:
-                sim = (summary or {}).get("simulation", {})
                 close(
                     None
                     if summary is None
-                    else {"computed": summary["gradients_computed"], "time": sim.get("virtual_end_s", 0.0)}
+                    else {
+                        "computed": summary.gradients_computed,
+                        "time": (summary.simulation or {}).get("virtual_end_s", 0.0),
+                    }
                 )
             return summary
         from dasgd.runs.launcher import launch_local

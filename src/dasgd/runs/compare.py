@@ -701,13 +701,14 @@ def run_comparison(
     for i, run in enumerate(plan.runs, start=1):
         if on_run is not None:
             on_run(run, i, total, "running")
-        summary = finished_summary(run.run_dir, run.spec)
+        summary: Mapping[str, Any] | None = finished_summary(run.run_dir, run.spec)
         status = "reused"
         error = ""
         if summary is None:
             _clear_markers(run.run_dir)
             try:
-                summary = dict(runner(run.spec, run.run_dir))
+                # A RunSummary: the row reads it through its mapping, as it reads a reused run's file.
+                summary = runner(run.spec, run.run_dir)
                 status = "ran"
             except Exception as exc:  # one failed algorithm must not lose the others' results
                 status, error = "failed", f"{type(exc).__name__}: {exc}"

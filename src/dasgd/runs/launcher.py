@@ -13,6 +13,7 @@ process could take the port in between (EADDRINUSE, or worse, workers joining a 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import socket
@@ -27,6 +28,7 @@ from torch.distributed import TCPStore
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.runs.results import run_log, summarize, write_run_outputs
+from dasgd.runs.summary import RunSummary
 
 __all__ = ["RunFailed", "launch_local", "host_store", "store_env"]
 
@@ -77,8 +79,8 @@ def launch_local(
     run_dir: Path,
     on_progress: Callable[[list[dict]], None] | None = None,
     stall_timeout: float = 600.0,
-) -> dict:
-    """Run ``spec`` with ``spec.workers`` local processes; return rank 0's summary.
+) -> RunSummary:
+    """Run ``spec`` with ``spec.workers`` local processes; return the run's summary, ``failed_workers`` set.
 
     Args:
         spec: a validated spec.
@@ -144,7 +146,9 @@ def launch_local(
     return _collect(spec, run_dir, shard_dir, logs, failures)
 
 
-def _collect(spec: RunSpec, run_dir: Path, shard_dir: Path, logs: Path, failures: dict[int, int]) -> dict:
+def _collect(
+    spec: RunSpec, run_dir: Path, shard_dir: Path, logs: Path, failures: dict[int, int]
+) -> RunSummary:
     """Summarise the shards the workers left; a dead worker's gradients are accounted for as lost."""
     shards = []
     for rank in range(spec.workers):
@@ -162,7 +166,7 @@ def _collect(spec: RunSpec, run_dir: Path, shard_dir: Path, logs: Path, failures
     summary = summarize(
         spec, shards, meta0.get("task_info", {}), int(meta0["batch_size"]), float(meta0["lr"]), log=log
     )
-    summary["failed_workers"] = {str(r): c for r, c in sorted(failures.items())}
+    summary = dataclasses.replace(summary, failed_workers={str(r): c for r, c in sorted(failures.items())})
     write_run_outputs(run_dir, summary, log)
     return summary
 

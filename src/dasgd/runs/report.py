@@ -1,28 +1,12 @@
 """A readable page (``RUN_DIR/report.md``) and a terminal summary of a finished run.
 
-Both read ``summary.json``, written by the runtime. Every key is optional: a missing key, or one of an
-unexpected type, renders as ``n/a``; rendering never fails on content. The keys read (see :data:`SUMMARY_KEYS`):
-
-======================  ==========================================================================
-``task``                workload name (str)
-``algorithm``           algorithm name (str)
-``workers``             number of workers (int)
-``topology``            topology name (str)
-``stop_reason``         why the run stopped (str)
-``time_unit``           ``"wall"`` or ``"virtual"``: what the times and rates are measured in
-``wall_time_s``         run duration in seconds (of ``time_unit``)
-``samples_per_s``       training samples per second, all workers together
-``final_metrics``       dict metric -> number, e.g. ``test_accuracy``, ``test_loss`` (or ``loss``)
-``gradients_computed``  T, gradients computed by all workers (int)
-``gradients_applied``   list per worker: gradients its replica holds at the end
-``gradients_lost``      gradients computed but missing from some live replica (int; 0 expected)
-``staleness``           ``StalenessStats.to_dict()``: ``s_avg``, ``s_max``, ``loose_avg``, ``loose_max``,
-                        ``anomalies`` (shown only when present; other keys ignored)
-``replicas_agree``      whether all replicas' parameters match at the end (bool)
-``max_replica_diff``    largest parameter difference between replicas (float)
-``per_worker``          list of dicts: ``rank``, ``computed``, ``applied``, ``rejected`` (dict reason ->
-                        count), ``sent_messages``, ``sent_bytes``
-======================  ==========================================================================
+Both read a run summary as a mapping: ``summary.json`` loaded as a dict (a run directory may come from
+another version of dasgd), or the :class:`~dasgd.runs.summary.RunSummary` a run returned. The keys and what
+they mean are documented in one place, the fields of :class:`dasgd.runs.summary.RunSummary`; the ones read
+here are :data:`SUMMARY_KEYS`. Every key is optional: a missing key, or one of an unexpected type, renders as
+``n/a``; rendering never fails on content. Of ``staleness`` the report shows ``s_avg``, ``s_max``,
+``loose_avg``, ``loose_max``, and ``anomalies`` when present; of each ``per_worker`` entry ``rank``,
+``computed``, ``applied``, ``rejected``, ``sent_messages`` and ``sent_bytes``.
 
 Numbers are formatted by :func:`format_value`: integers in full, other numbers with 4 significant digits.
 """
@@ -67,7 +51,8 @@ SUMMARY_KEYS: tuple[str, ...] = (
     "max_replica_diff",
     "per_worker",
 )
-"""The ``summary.json`` keys the report and the terminal summary read. Adding one is compatible; never rename."""
+"""The summary keys the report and the terminal summary read (each a :class:`~dasgd.runs.summary.RunSummary`
+field). Adding one is compatible; never rename."""
 
 _PLOT_CAPTIONS: dict[str, str] = {
     "accuracy.png": "Test accuracy",

@@ -17,6 +17,7 @@ from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.agreement import replica_tolerance
 from dasgd.metrics.eventlog import EVAL_RESERVED_KEYS, EventLog
 from dasgd.metrics.shard import WorkerShard
+from dasgd.runs.summary import UNSET, RunSummary, WorkerSummary
 
 __all__ = ["run_log", "summarize", "write_run_outputs", "render_run_dir", "worker_shard"]
 
@@ -85,8 +86,8 @@ def summarize(
     time_unit: str = "wall",
     *,
     log: EventLog,
-) -> dict[str, Any]:
-    """The run's summary.json content (keys documented in dasgd.runs.report).
+) -> RunSummary:
+    """The run's summary (``summary.json`` is its :meth:`~dasgd.runs.summary.RunSummary.to_dict`).
 
     ``shards`` holds one shard per worker that finished; a worker that died leaves none. Its gradient count
     is then known only as the most any survivor holds, and the gradients some survivors hold and others do
@@ -147,55 +148,60 @@ def summarize(
         for k, v in s.meta.get("rejected", {}).items():
             rejected[k] = rejected.get(k, 0) + v
         per_worker.append(
-            {
-                "rank": s.meta["rank"],
-                "computed": s.meta["computed"],
-                "applied": held,
-                "rejected": rejected,
-                "sent_messages": tr.get("sent_messages", 0),
-                "sent_bytes": tr.get("sent_bytes", 0),
-                "coalesced": tr.get("coalesced", 0),
-                "undelivered": tr.get("undelivered", 0),
-                "slowdown": spec.slowdown(s.meta["rank"]),
-                "drained": s.meta["drained"],
-                "gradient_set": digest,
-                "param_checksum": s.meta.get("param_checksum", ""),
-                "compute_s_per_gradient": float(steps[s.meta["rank"]]),
-            }
+            WorkerSummary(
+                rank=s.meta["rank"],
+                computed=s.meta["computed"],
+                applied=held,
+                rejected=rejected,
+                sent_messages=tr.get("sent_messages", 0),
+                sent_bytes=tr.get("sent_bytes", 0),
+                coalesced=tr.get("coalesced", 0),
+                undelivered=tr.get("undelivered", 0),
+                slowdown=spec.slowdown(s.meta["rank"]),
+                drained=s.meta["drained"],
+                gradient_set=digest,
+                param_checksum=s.meta.get("param_checksum", ""),
+                compute_s_per_gradient=float(steps[s.meta["rank"]]),
+            )
         )
-    return {
-        "task": spec.task,
-        "algorithm": spec.algorithm,
-        "workers": n,
-        "topology": spec.topology,
-        "stop_reason": ",".join(reasons) or "stop_requested",
-        "time_unit": time_unit,
-        "lr": lr,
-        "batch_size": batch_size,
-        "wall_time_s": train_time,
-        "drain_time_s": drain_time - train_time,
-        "samples_per_s": total * batch_size / train_time if train_time > 0 else 0.0,
-        "final_metrics": next((s.meta["final_metrics"] for s in shards if s.meta.get("final_metrics")), {}),
-        **_to_target(spec, [e for s in shards for e in s.meta.get("evals", [])]),
-        "gradients_computed": total,
-        "gradients_applied": applied,
-        "gradients_lost": lost,
-        "gradients_duplicated": duplicated,
-        "exactly_once": exactly_once,
-        "dead_workers": dead,
-        "drained": all(s.meta["drained"] for s in shards),
-        "staleness": stats.to_dict(),
-        "replicas": replicas,
-        "replicas_agree": replicas_agree,
-        "algorithm_counts": counts,
-        "max_replica_diff": max_diff,
-        "replica_tolerance": tol * scale,
-        "gradient_set_digests": set_digests,
-        "per_worker": per_worker,
-        "task_info": task_info,
-        "faithful": _faithful(spec.algorithm) and spec.data == "shared",
-        "notes": spec.notes,
-    }
+    target_accuracy, time_to_target, gradients_to_target = _to_target(
+        spec, [e for s in shards for e in s.meta.get("evals", [])]
+    )
+    return RunSummary(
+        task=spec.task,
+        algorithm=spec.algorithm,
+        workers=n,
+        topology=spec.topology,
+        stop_reason=",".join(reasons) or "stop_requested",
+        time_unit=time_unit,
+        lr=lr,
+        batch_size=batch_size,
+        wall_time_s=train_time,
+        drain_time_s=drain_time - train_time,
+        samples_per_s=total * batch_size / train_time if train_time > 0 else 0.0,
+        final_metrics=next((s.meta["final_metrics"] for s in shards if s.meta.get("final_metrics")), {}),
+        target_accuracy=target_accuracy,
+        time_to_target_s=time_to_target,
+        gradients_to_target=gradients_to_target,
+        gradients_computed=total,
+        gradients_applied=applied,
+        gradients_lost=lost,
+        gradients_duplicated=duplicated,
+        exactly_once=exactly_once,
+        dead_workers=dead,
+        drained=all(s.meta["drained"] for s in shards),
+        staleness=stats.to_dict(),
+        replicas=replicas,
+        replicas_agree=replicas_agree,
+        algorithm_counts=counts,
+        max_replica_diff=max_diff,
+        replica_tolerance=tol * scale,
+        gradient_set_digests=set_digests,
+        per_worker=per_worker,
+        task_info=task_info,
+        faithful=_faithful(spec.algorithm) and spec.data == "shared",
+        notes=spec.notes,
+    )
 
 
 def _replica_contract(algorithm: str) -> str:
@@ -212,20 +218,17 @@ def _faithful(algorithm: str) -> bool:
     return bool(cls is not None and cls.faithful)
 
 
-def _to_target(spec: RunSpec, evals: list[dict]) -> dict[str, Any]:
-    """Time and gradients at the first evaluation that reached the target accuracy (None if never)."""
+def _to_target(spec: RunSpec, evals: list[dict]) -> tuple[Any, Any, Any]:
+    """(target accuracy, time, gradients) at the first evaluation that reached the spec's target accuracy
+    (time and gradients None if none did); all three UNSET, absent from the summary, without a target."""
     if spec.target_accuracy is None:
-        return {}
+        return UNSET, UNSET, UNSET
     # The end-of-run evaluation (marked "final", after the drain) is left out: its time includes the drain.
     for e in sorted((e for e in evals if not e.get("final")), key=lambda e: e["time"]):
         acc = e.get("test_accuracy")
         if acc is not None and acc >= spec.target_accuracy:
-            return {
-                "target_accuracy": spec.target_accuracy,
-                "time_to_target_s": e["time"],
-                "gradients_to_target": e["gradients"],
-            }
-    return {"target_accuracy": spec.target_accuracy, "time_to_target_s": None, "gradients_to_target": None}
+            return spec.target_accuracy, e["time"], e["gradients"]
+    return spec.target_accuracy, None, None
 
 
 def _mean_steps(log: EventLog, n: int) -> np.ndarray:
@@ -309,16 +312,19 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def write_run_outputs(run_dir: Path, summary: dict[str, Any], log: EventLog, render: bool = True) -> None:
-    """Write events.jsonl (from ``log``, the run's records: :func:`run_log`) and summary.json, then (unless
-    ``render`` is False) metrics.csv, plots and report.md."""
+def write_run_outputs(run_dir: Path, summary: RunSummary, log: EventLog, render: bool = True) -> None:
+    """Write events.jsonl (from ``log``, the run's records: :func:`run_log`) and summary.json (``summary``'s
+    :meth:`~dasgd.runs.summary.RunSummary.to_dict`), then (unless ``render`` is False) metrics.csv, plots and
+    report.md."""
     from dasgd.metrics.eventlog import write_event_log
 
     run_dir.mkdir(parents=True, exist_ok=True)
     write_event_log(
         run_dir / "events.jsonl", log.origin, log.index, log.start, log.end, log.clock, log.evals, log.runs
     )
-    (run_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_json_default) + "\n")
+    (run_dir / "summary.json").write_text(
+        json.dumps(summary.to_dict(), indent=2, default=_json_default) + "\n"
+    )
     if render:
         render_run_dir(run_dir, log=log)
 
@@ -333,6 +339,7 @@ def render_run_dir(run_dir: Path, log: EventLog | None = None) -> None:
     if log is None:
         log = read_event_log(run_dir / "events.jsonl")
     write_metrics_csv(log, run_dir / "metrics.csv")
+    # A plain dict, every key optional: `dasgd report` re-renders directories of other dasgd versions too.
     summary = (
         json.loads((run_dir / "summary.json").read_text()) if (run_dir / "summary.json").exists() else {}
     )

@@ -7,12 +7,12 @@ as a real run, with virtual time on every time axis.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import resource
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 
@@ -21,6 +21,7 @@ from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.runs.build import Resolved, build_sampler, build_task, build_worker, resolve, stop_policy
 from dasgd.runs.results import run_log, summarize, worker_shard, write_run_outputs
+from dasgd.runs.summary import RunSummary
 from dasgd.sim.engine import SimOutcome, Simulation
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel, read_step_trace
 from dasgd.tasks import Task
@@ -84,10 +85,8 @@ def build_simulation(
     return engine, task, resolved
 
 
-def simulate(
-    spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None
-) -> dict[str, Any]:
-    """Run ``spec`` in the simulator and write its run directory; return the summary.
+def simulate(spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None) -> RunSummary:
+    """Run ``spec`` in the simulator and write its run directory; return the summary, ``simulation`` set.
 
     ``on_progress`` gets the engine's progress dicts while it runs, then one with a ``"phase"`` key (and the
     final ``computed`` and ``time``) when the run directory is being written.
@@ -132,7 +131,7 @@ def simulate(
     summary = summarize(
         spec, shards, task.describe(), resolved.batch_size, resolved.lr, time_unit="virtual", log=log
     )
-    summary["simulation"] = {
+    simulation = {
         **sim.to_dict(),
         "events": outcome.events_processed,
         "virtual_end_s": outcome.end_time,
@@ -144,6 +143,7 @@ def simulate(
         "wall_time_s": time.perf_counter() - wall_start,
         "peak_memory_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0,
     }
+    summary = dataclasses.replace(summary, simulation=simulation)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
     write_run_outputs(run_dir, summary, log)

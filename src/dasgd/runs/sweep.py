@@ -350,6 +350,9 @@ def loss_to_target(evals: Sequence[Mapping[str, Any]], target: float) -> tuple[i
 def finished_summary(run_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
     """The summary in ``run_dir`` if a run of ``spec`` already finished there, else None.
 
+    It is the file's dict, not a :class:`~dasgd.runs.summary.RunSummary`: a resumed directory may come from
+    another version of dasgd, and the rows read it key by key (every key optional).
+
     Finished means ``summary.json`` and ``report.md`` (the last file a run writes) exist and ``spec.yaml``
     resolves to ``spec`` (ignoring ``run_dir``). Real and simulated runs write the same files.
     """
@@ -440,11 +443,12 @@ def run_sweep(
     for point in plan.points:
         if on_point is not None:
             on_point(point, "running")
-        summary = _finished_summary(point)
+        summary: Mapping[str, Any] | None = _finished_summary(point)
         if summary is None:
             if reset_peak_memory:
                 _reset_peak_memory()
-            summary = dict(run_point(point.spec, point.run_dir))
+            # A RunSummary (from the simulator): the row reads it through its mapping, as it reads a file.
+            summary = run_point(point.spec, point.run_dir)
             outcome.ran.append(point.name)
             status = "ran"
         else:
