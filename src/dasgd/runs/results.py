@@ -56,7 +56,9 @@ def worker_shard(
         end=end,
         clock=clocks,
         params=worker.params.detach().cpu().numpy().copy(),
-        final_clock=worker.clock,  # the worker has finished: its clock no longer changes (no n x n copy)
+        # The worker has finished: its clock no longer changes (no n x n copy), unless ids past a gap must be
+        # counted too (gradients lost through a dead forwarder), which only a copy can hold.
+        final_clock=worker.held() if worker.has_gaps else worker.clock,
         meta={
             "rank": worker.rank,
             "computed": worker.computed,
@@ -66,6 +68,8 @@ def worker_shard(
             "drain_end": drain_end,
             "evals": evals,
             "rejected": dict(worker.rejected),
+            "unreachable": sorted(worker.unreachable),
+            "non_finite_from": {str(o): int(c) for o, c in sorted(worker.non_finite_origins.items())},
             "algorithm_counts": dict(getattr(worker.algorithm, "counts", {})),
             "transport": transport,
             "param_checksum": checksum(worker.params)[:16],
@@ -162,6 +166,8 @@ def summarize(
                 gradient_set=digest,
                 param_checksum=s.meta.get("param_checksum", ""),
                 compute_s_per_gradient=float(steps[s.meta["rank"]]),
+                unreachable=list(s.meta.get("unreachable", [])),
+                non_finite_from=dict(s.meta.get("non_finite_from", {})),
             )
         )
     target_accuracy, time_to_target, gradients_to_target = _to_target(
@@ -189,6 +195,10 @@ def summarize(
         gradients_duplicated=duplicated,
         exactly_once=exactly_once,
         dead_workers=dead,
+        dead_gradients_held={
+            str(d): {str(s.meta["rank"]): int(s.final_clock[d]) for s in shards} for d in dead
+        },
+        cut_apart=_survivor_groups(shards),
         drained=all(s.meta["drained"] for s in shards),
         staleness=stats.to_dict(),
         replicas=replicas,
@@ -202,6 +212,24 @@ def summarize(
         faithful=_faithful(spec.algorithm) and spec.data == "shared",
         notes=spec.notes,
     )
+
+
+def _survivor_groups(shards: list[WorkerShard]) -> list[list[int]]:
+    """The live workers in groups that could still reach each other, when deaths cut the topology apart
+    ([] when every survivor could reach every other)."""
+    if not any(s.meta.get("unreachable") for s in shards):
+        return []
+    groups: list[list[int]] = []
+    seen: set[int] = set()
+    live = {int(s.meta["rank"]) for s in shards}
+    for s in sorted(shards, key=lambda s: s.meta["rank"]):
+        rank = int(s.meta["rank"])
+        if rank in seen:
+            continue
+        group = sorted(live - set(s.meta.get("unreachable", [])))
+        seen.update(group)
+        groups.append(group)
+    return groups
 
 
 def _replica_contract(algorithm: str) -> str:

@@ -135,6 +135,12 @@ class WorkerSummary:
     """Checksum of its final parameters (16 hex digits; ``""`` if the shard did not record one)."""
     compute_s_per_gradient: float
     """Mean compute time of its gradients, in seconds of the run's ``time_unit`` (0.0 without any)."""
+    unreachable: list[int] | Unset = optional_field()
+    """Live workers it could no longer reach at the end: dead workers cut the topology between them (their
+    gradients after the cut never reached it). Absent in summaries written before this key existed."""
+    non_finite_from: dict[str, int] | Unset = optional_field()
+    """Messages refused because they carried a NaN or an infinity, by origin rank: a peer whose replica
+    diverged, or a faulty one. Absent in summaries written before this key existed."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know (read from another version's file); written back after the others."""
 
@@ -228,6 +234,14 @@ class RunSummary(Mapping[str, Any]):
     must (``replicas`` is ``"none"``) or none of those survived."""
     dead_workers: list[int]
     """Ranks that left no result (their process died or, simulated, crashed), ascending."""
+    dead_gradients_held: dict[str, dict[str, int]] | Unset = optional_field()
+    """For each dead worker, how many of its gradients each survivor holds (dead rank -> survivor rank ->
+    count). They differ when its last messages reached some survivors and not others: it died with them in
+    flight, or with only some links' queues sent. Those unequally held gradients are ``gradients_lost``, and
+    they are why survivors' replicas can disagree after a death (see docs/failures.md)."""
+    cut_apart: list[list[int]] | Unset = optional_field()
+    """When deaths cut the topology apart: the live workers in groups that could still reach each other
+    ([] when every survivor could reach every other)."""
     drained: bool
     """Whether every live worker finished its end-of-run drain."""
     staleness: dict[str, Any]

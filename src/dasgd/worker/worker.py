@@ -198,6 +198,11 @@ class Worker:
             total += len(ids) - int(self.clock[origin])
         return total
 
+    @property
+    def has_gaps(self) -> bool:
+        """Some origin's ids are held past a gap (the clock then undercounts what the replica holds)."""
+        return bool(self._gaps)
+
     def held(self) -> np.ndarray:
         """How many gradients of each origin the replica holds: the clock, except where ids arrived past a
         gap (a reordering, or gradients lost through a dead forwarder), where it counts every id held."""
