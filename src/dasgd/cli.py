@@ -10,7 +10,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dasgd.cli_common import (
     EXIT_FAILED,
@@ -27,6 +27,9 @@ from dasgd.cli_common import (
     simulation_values,
     spec_overrides,
 )
+
+if TYPE_CHECKING:
+    from dasgd.runs.summary import RunSummary
 
 __all__ = ["main", "build_parser"]
 
@@ -114,9 +117,30 @@ def _train(args: argparse.Namespace) -> int:
         problems.append(f"{summary.gradients_lost} gradients are missing from some replica")
     if summary.replicas_agree is False:
         problems.append("the replicas do not agree at the end")
+    problems += health_problems(summary)
     for problem in problems:
         print(f"dasgd: warning: {problem}", file=sys.stderr)
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def health_problems(summary: RunSummary) -> list[str]:
+    """What a run's summary says went wrong beyond lost gradients: survivors cut apart by deaths, peers that
+    sent NaN or infinity, workers whose own replica diverged."""
+    problems = []
+    if summary.cut_apart:
+        groups = " | ".join("{" + ", ".join(map(str, g)) + "}" for g in summary.cut_apart)
+        problems.append(
+            f"the deaths of worker(s) {', '.join(map(str, summary.dead_workers))} cut the survivors apart: "
+            f"{groups} could no longer reach each other (use a topology with more edges, e.g. --topology torus)"
+        )
+    flagged = sorted({int(o) for w in summary.per_worker for o in (w.non_finite_from or {})})
+    if flagged:
+        problems.append(
+            f"worker(s) {', '.join(map(str, flagged))} sent NaN or infinite values, which were refused"
+        )
+    if "diverged" in summary.stop_reason.split(","):
+        problems.append("a replica diverged (its gradient held a NaN or an infinity): lower --lr")
+    return problems
 
 
 def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:
@@ -179,7 +203,7 @@ def _simulate_one(args: argparse.Namespace) -> int:
     from dasgd.experiments.spec import resolve_spec
     from dasgd.runs.report import format_summary, format_value
     from dasgd.runs.simulate import simulate
-    from dasgd.runs.summary import UNSET, RunSummary
+    from dasgd.runs.summary import UNSET
 
     _check_target_loss(args)
     values = simulation_values(args)
@@ -244,6 +268,7 @@ def _simulate_one(args: argparse.Namespace) -> int:
         problems.append(f"{summary.gradients_lost} gradients are missing from some replica")
     if summary.replicas_agree is False:
         problems.append("the replicas do not agree at the end")
+    problems += health_problems(summary)
     if not summary.drained:
         problems.append("the end-of-run drain did not complete (a replica still misses gradients)")
     if not problems:
