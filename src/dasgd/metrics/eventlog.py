@@ -9,7 +9,8 @@ contract. Times are seconds since the run started (wall or virtual, the log does
 ``{"type": "eval", "worker": w, "time": t, "gradients": n, "<metric>": value, ...}``
     Worker ``w`` evaluated its replica, which held ``n`` gradients, at time ``t``. Every further key is a
     numeric metric (``test_accuracy``, ``test_loss``, ``loss``, ...).
-``{"type": "run", "event": "start" | "stop" | "drained", "time": t, ...}``
+``{"type": "run", "event": "start" | "stop" | "drained" | "drain_timeout" | "died", "time": t, ...}``
+(``died``: a worker without a result, at its last streamed gradient)
     Informational milestones; extra keys are kept as they are.
 
 Reading is strict: a line that is not valid JSON, lacks a field or has a field of the wrong type raises

@@ -27,6 +27,7 @@ from torch.distributed import TCPStore
 
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
+from dasgd.metrics.stream import read_stream
 from dasgd.runs.results import run_log, summarize, write_run_outputs
 from dasgd.runs.summary import RunSummary
 
@@ -149,12 +150,18 @@ def launch_local(
 def _collect(
     spec: RunSpec, run_dir: Path, shard_dir: Path, logs: Path, failures: dict[int, int]
 ) -> RunSummary:
-    """Summarise the shards the workers left; a dead worker's gradients are accounted for as lost."""
+    """Summarise the shards the workers left. A worker that died left no shard, but what it streamed as it
+    went (its gradient records and evaluations, metrics/stream.py) joins the run's log and summary."""
     shards = []
+    streams = {}
     for rank in range(spec.workers):
         path = shard_dir / f"rank{rank}.npz"
         if path.exists():
             shards.append(WorkerShard.from_bytes(path.read_bytes()))
+        else:
+            stream = read_stream(shard_dir, rank, spec.workers)
+            if stream is not None:
+                streams[rank] = stream
     if not shards:
         rank = min(failures) if failures else 0
         raise RunFailed(
@@ -162,9 +169,15 @@ def _collect(
             f"{_tail(logs / f'rank{rank}.log')}"
         )
     meta0 = shards[0].meta
-    log = run_log(shards, spec.workers)  # merged once: the summary and the run directory both read it
+    log = run_log(shards, spec.workers, streams=streams)  # merged once: the summary and run directory read it
     summary = summarize(
-        spec, shards, meta0.get("task_info", {}), int(meta0["batch_size"]), float(meta0["lr"]), log=log
+        spec,
+        shards,
+        meta0.get("task_info", {}),
+        int(meta0["batch_size"]),
+        float(meta0["lr"]),
+        log=log,
+        streams=streams,
     )
     summary = dataclasses.replace(summary, failed_workers={str(r): c for r, c in sorted(failures.items())})
     write_run_outputs(run_dir, summary, log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.agreement import replica_tolerance
 from dasgd.metrics.eventlog import EVAL_RESERVED_KEYS, EventLog
 from dasgd.metrics.shard import WorkerShard
+from dasgd.metrics.stream import StreamRead
 from dasgd.runs.summary import UNSET, RunSummary, WorkerSummary
 
 __all__ = ["run_log", "summarize", "write_run_outputs", "render_run_dir", "worker_shard"]
@@ -90,12 +92,14 @@ def summarize(
     time_unit: str = "wall",
     *,
     log: EventLog,
+    streams: Mapping[int, StreamRead] | None = None,
 ) -> RunSummary:
     """The run's summary (``summary.json`` is its :meth:`~dasgd.runs.summary.RunSummary.to_dict`).
 
     ``shards`` holds one shard per worker that finished; a worker that died leaves none. Its gradient count
     is then known only as the most any survivor holds, and the gradients some survivors hold and others do
-    not are counted as lost. ``log`` is the run's records (:func:`run_log`).
+    not are counted as lost. ``log`` is the run's records (:func:`run_log`). ``streams`` holds what dead
+    workers streamed before they died (metrics/stream.py): their computed counts are then exact.
     """
     shards = sorted(shards, key=lambda s: s.meta["rank"])
     n = spec.workers
@@ -108,6 +112,9 @@ def summarize(
         np.maximum(computed, s.final_clock, out=computed)  # dead workers: the most anyone got
     for s in shards:
         computed[s.meta["rank"]] = s.meta["computed"]
+    for rank, stream in (streams or {}).items():
+        if rank in dead:
+            computed[rank] = max(int(computed[rank]), stream.computed)
     total = int(computed.sum())
     replicas = _replica_contract(spec.algorithm)
     # Which replicas must end holding every gradient: all of them (gradient-push algorithms), the server's
@@ -270,6 +277,7 @@ def run_log(
     shards: list[WorkerShard],
     n: int,
     records: tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray] | None = None,
+    streams: Mapping[int, StreamRead] | None = None,
 ) -> EventLog:
     """The run's event log, in memory: the gradient records, the evaluations sorted by time, and each
     worker's stop and drain events.
@@ -278,6 +286,8 @@ def run_log(
     plots and reports come out the same from memory as from the file. ``records`` are ``(origin, index,
     start, end, clock)`` in any order, used as they are (a simulation passes its own, in completion order);
     without them every shard's records are merged in global order (completion time, then origin, then id).
+    ``streams``: what workers without a shard (they died) streamed; their records and evaluations join the
+    log, and each gets a "died" event at its last record.
     """
     shards = sorted(shards, key=lambda s: s.meta["rank"])
     evals: list[dict[str, Any]] = []
@@ -290,7 +300,16 @@ def run_log(
         )
         event = "drained" if s.meta["drained"] else "drain_timeout"
         runs.append({"event": event, "time": s.meta["drain_end"], "worker": rank})
-    origin, index, start, end, clock = _merged_records(shards, n) if records is None else records
+    sources: list[Any] = list(shards)
+    live = {int(s.meta["rank"]) for s in shards}
+    for rank, stream in sorted((streams or {}).items()):
+        if rank in live:
+            continue
+        evals.extend(_as_logged({**e, "worker": rank}) for e in stream.evals)
+        if stream.end.size:
+            runs.append({"event": "died", "time": float(stream.end.max()), "worker": rank})
+        sources.append(_StreamRecords(rank, stream))
+    origin, index, start, end, clock = _merged_records(sources, n) if records is None else records
     return EventLog(
         origin=_readonly(origin.astype(np.int64, copy=False)),
         index=_readonly(index.astype(np.int64, copy=False)),
@@ -303,8 +322,16 @@ def run_log(
     )
 
 
+class _StreamRecords:
+    """A dead worker's streamed records, in the shape :func:`_merged_records` reads from a shard."""
+
+    def __init__(self, rank: int, stream: StreamRead) -> None:
+        self.origin = np.full(stream.index.size, rank, dtype=np.int64)
+        self.index, self.start, self.end, self.clock = stream.index, stream.start, stream.end, stream.clock
+
+
 def _merged_records(
-    shards: list[WorkerShard], n: int
+    shards: list[Any], n: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """Every shard's records in global order; the clock table is built with one copy."""
     origin = np.concatenate([s.origin for s in shards]).astype(np.int64)

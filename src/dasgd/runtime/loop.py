@@ -47,10 +47,13 @@ class WorkerLoop:
         clock: time source (``now`` and ``sleep``).
         ledger: where each own gradient's record (clock at start, completion time) goes.
         policy: the stop rules, evaluation cadence and drain timeout.
-        evaluator: ``evaluator() -> metrics`` on this worker's replica, or None (only one worker evaluates).
+        evaluator: ``evaluator() -> metrics`` on this worker's replica, or None (never evaluates). Every
+            worker may be given one: only the lowest live rank this worker knows of evaluates, so when
+            worker 0 dies the next takes over evaluation and the target-accuracy stop (``evaluates``).
         on_progress: called with a small dict every ``progress_every`` seconds.
         slowdown: a straggler's factor: after each gradient computation, wait (slowdown - 1) times its
             duration (slower hardware: the gradient is complete, and leaves, only after that).
+        on_evaluation: called with each evaluation's record as it is taken (to stream it to disk).
     """
 
     def __init__(
@@ -64,6 +67,7 @@ class WorkerLoop:
         on_progress: Callable[[dict], None] | None = None,
         slowdown: float = 1.0,
         progress_every: float = 0.25,
+        on_evaluation: Callable[[dict], None] | None = None,
     ) -> None:
         self.worker = worker
         self.transport = transport
@@ -74,7 +78,16 @@ class WorkerLoop:
         self.on_progress = on_progress
         self.slowdown = slowdown
         self.progress_every = progress_every
+        self.on_evaluation = on_evaluation
         self.protocol: WorkerProtocol | None = None
+
+    @property
+    def evaluates(self) -> bool:
+        """Whether this worker evaluates now: it has an evaluator and no lower rank is alive as far as it knows."""
+        if self.evaluator is None:
+            return False
+        w = self.worker
+        return w.rank == 0 or w.dead.issuperset(range(w.rank))
 
     def run(self) -> LoopResult:
         """Train until a stop rule fires here or a peer asks to stop, then drain. Returns what happened."""
@@ -83,8 +96,11 @@ class WorkerLoop:
         next_progress = p.start
         while True:
             now = clock.now()
-            if self.evaluator is not None and p.evaluation_due(now):
-                p.evaluated(now, self.evaluator(), finished=clock.now())
+            if self.evaluates and p.evaluation_due(now):
+                assert self.evaluator is not None
+                record = p.evaluated(now, self.evaluator(), finished=clock.now())
+                if self.on_evaluation is not None:
+                    self.on_evaluation(record)
             dead = transport.stats().dead_peers  # before polling: see the drain below
             out, action = p.step(clock.now(), transport.poll(), dead)
             send_all(transport, out)
@@ -103,7 +119,7 @@ class WorkerLoop:
             elif p.phase is Phase.WAITING:
                 # The algorithm waits on peers (a synchronous step, a server's reply; a server never
                 # computes). Messages, evaluations and stop rules go on meanwhile.
-                transport.wait(min(0.05, max(0.0, p.next_eval - now)) if self.evaluator else 0.05)
+                transport.wait(min(0.05, max(0.0, p.next_eval - now)) if self.evaluates else 0.05)
             else:
                 break
         while True:
