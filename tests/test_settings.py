@@ -45,6 +45,7 @@ RUN_SAMPLES: dict[str, tuple[str | None, Any]] = {
     "device": ("cuda", "cuda"),
     "secret_env": ("MY_SECRET", "MY_SECRET"),
     "drain_timeout": ("33", 33.0),
+    "startup_timeout": ("44", 44.0),
     "audit": (None, True),
     "run_dir": ("RUN", "RUN"),
 }

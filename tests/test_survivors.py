@@ -181,3 +181,70 @@ def test_real_processes_on_a_ring_route_around_a_killed_forwarder(tmp_path):
         # dead worker when it died is missing, not everything after it.
         assert w["applied"] >= own - 20, (w, own)
     assert summary["gradients_lost"] <= 0.05 * summary["gradients_computed"], summary["gradients_lost"]
+
+
+def test_killing_worker_0_leaves_evaluation_the_target_stop_and_the_run_directory_to_the_survivors(tmp_path):
+    """Worker 0 used to be a single point of failure: killed, its evaluations were lost, final_metrics was
+    {}, and a run whose only stop rule was a target accuracy never stopped. Now the lowest live rank takes
+    over evaluation, and worker 0's streamed records and evaluations join the run directory."""
+    import json
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_multiprocess import ENV, _worker_pids
+
+    run_dir = tmp_path / "run"
+    args = ["--task", "digits-logreg", "--workers", "3", "--lr", "0.01", "--target-accuracy", "0.95"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dasgd", "train", *args, "--run-dir", str(run_dir), "--no-progress", "--json"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            progress = run_dir / "progress" / "rank0.json"
+            if progress.exists() and json.loads(progress.read_text() or "{}").get("computed", 0) > 30:
+                break
+            time.sleep(0.05)
+        os.kill(_worker_pids(run_dir)[0], signal.SIGKILL)
+        _, err = proc.communicate(timeout=150)  # without a takeover it would never stop
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["dead_workers"] == [0] and summary["stop_reason"] == "target_accuracy", err
+    assert summary["final_metrics"]["test_accuracy"] >= 0.9
+    assert summary["task_info"]  # from a survivor's shard
+    # Worker 0's gradients are in the log (each record is on disk before its gradient is pushed), so every one
+    # a survivor holds is there, and its count is exact.
+    events = [json.loads(line) for line in (run_dir / "events.jsonl").read_text().splitlines()]
+    own0 = [e for e in events if e.get("type") == "gradient" and e.get("origin") == 0]
+    assert len(own0) > 30
+    held = summary["dead_gradients_held"]["0"]
+    assert set(held) == {"1", "2"} and max(held.values()) <= len(own0)
+    assert summary["gradients_computed"] == len([e for e in events if e.get("type") == "gradient"])
+    evals = [e for e in events if e.get("type") == "eval"]
+    assert {e["worker"] for e in evals} == {0, 1}  # worker 0's first evaluation survived it
+    assert any(e.get("event") == "died" and e["worker"] == 0 for e in events)
+    assert len((run_dir / "metrics.csv").read_text().splitlines()) > 3
+
+
+def test_a_worker_that_never_joins_is_named_within_the_start_up_timeout(monkeypatch):
+    import time
+
+    from dasgd.runs.launcher import host_store, store_env
+    from dasgd.runtime.session import DistributedSession, StartupTimeout
+
+    store = host_store()
+    for key, value in {**store_env(store), "RANK": "0", "WORLD_SIZE": "3"}.items():
+        monkeypatch.setenv(key, value)
+    t0 = time.monotonic()
+    with pytest.raises(StartupTimeout, match=r"worker\(s\) 1, 2 did not reach start-up stage 'joined' within 1 s"):
+        DistributedSession("gloo", startup_timeout=1.0)
+    assert time.monotonic() - t0 < 10

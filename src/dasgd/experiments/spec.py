@@ -102,6 +102,9 @@ class RunSpec:
         None, "env variable holding a shared secret (HMAC-signed messages)", metavar="VAR"
     )
     drain_timeout: float = setting(120.0, "seconds allowed for the end-of-run drain")
+    startup_timeout: float = setting(300.0, "seconds every worker may take to join and load its data")
+    """Real runs: how long workers wait for each other at each start-up stage; a worker that did not arrive
+    in time is named in the error (it died or never started)."""
     audit: bool = setting(
         False, "write each replica's audit trail to RUN_DIR/audit/ for an independent check (small runs)"
     )
@@ -328,6 +331,11 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
             "no CUDA device is visible to torch here; use --device cpu, or install a CUDA build of torch",
         )
     need(spec.drain_timeout > 0, "drain_timeout", "must be positive (seconds)")
+    need(
+        math.isfinite(spec.startup_timeout) and spec.startup_timeout > 0,
+        "startup_timeout",
+        "must be a positive number of seconds",
+    )
     for rank, factor in spec.stragglers:
         need(
             0 <= rank < spec.workers,
