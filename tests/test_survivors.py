@@ -248,3 +248,41 @@ def test_a_worker_that_never_joins_is_named_within_the_start_up_timeout(monkeypa
     with pytest.raises(StartupTimeout, match=r"worker\(s\) 1, 2 did not reach start-up stage 'joined' within 1 s"):
         DistributedSession("gloo", startup_timeout=1.0)
     assert time.monotonic() - t0 < 10
+
+
+def test_a_worker_killed_at_start_up_fails_the_run_within_the_start_up_timeout_naming_it(tmp_path):
+    """It used to leave the others in init_process_group until the launcher's 10-minute stall timeout."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from test_multiprocess import ENV, _worker_pids
+
+    run_dir = tmp_path / "run"
+    args = ["--task", "quadratic", "--workers", "3", "--max-seconds", "3", "--startup-timeout", "4"]
+    t0 = time.monotonic()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "dasgd", "train", *args, "--run-dir", str(run_dir), "--no-progress"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=ENV,
+    )
+    try:
+        while time.monotonic() < t0 + 30:
+            pids = _worker_pids(run_dir)
+            if 2 in pids:
+                os.kill(pids[2], signal.SIGKILL)  # before it can join
+                break
+            time.sleep(0.01)
+        _, err = proc.communicate(timeout=90)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 1
+    assert "worker 2 was killed by signal 9" in err
+    assert "worker(s) 2 did not reach start-up stage 'joined' within 4 s" in err
+    assert "Traceback" not in err
+    assert time.monotonic() - t0 < 60

@@ -72,8 +72,9 @@ class SynchronousSGD(Algorithm):
         live = w.world_size - len(w.dead)
         steps: list[Effect] = []
         while self._steps.count(self._applied_steps) >= live:
-            total, _ = self._steps.pop(self._applied_steps)
-            # Average, as DDP does: divide the summed step by the number of contributions.
-            steps.append(Step(total, w.lr / live))
+            total, count = self._steps.pop(self._applied_steps)
+            # Average, as DDP does: divide the summed step by the number of contributions (the live workers',
+            # plus a dead worker's if its gradient for this step arrived before it died).
+            steps.append(Step(total, w.lr / count))
             self._applied_steps += 1
         return steps

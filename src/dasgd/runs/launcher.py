@@ -68,6 +68,11 @@ def store_env(store: TCPStore) -> dict[str, str]:
     }
 
 
+def _exit_status(code: int) -> str:
+    """How a worker process ended, in words (a negative code is the signal that killed it)."""
+    return f"was killed by signal {-code}" if code < 0 else f"exited with code {code}"
+
+
 def _tail(path: Path, lines: int = 25) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
@@ -163,10 +168,14 @@ def _collect(
             if stream is not None:
                 streams[rank] = stream
     if not shards:
-        rank = min(failures) if failures else 0
+        # Lead with what happened to each worker; a killed one leaves no log, so the first worker that
+        # wrote an error usually says why (e.g. which rank never arrived at start-up).
+        states = ", ".join(f"worker {r} {_exit_status(c)}" for r, c in sorted(failures.items()))
+        told = [r for r in sorted(failures) if _tail(logs / f"rank{r}.log", 1).strip() not in ("", "(no log)")]
+        rank = told[0] if told else (min(failures) if failures else 0)
         raise RunFailed(
-            f"no worker finished; worker {rank} failed, the end of its log ({logs}/rank{rank}.log):\n"
-            f"{_tail(logs / f'rank{rank}.log')}"
+            f"no worker finished ({states or 'all exited without a result'}). The end of worker {rank}'s log "
+            f"({logs}/rank{rank}.log):\n{_tail(logs / f'rank{rank}.log', 3)}"
         )
     meta0 = shards[0].meta
     log = run_log(shards, spec.workers, streams=streams)  # merged once: the summary and run directory read it
