@@ -175,6 +175,7 @@ def _results_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ("gradients applied", _applied_text(summary.get("gradients_applied"))),
         ("gradients lost", format_value(summary.get("gradients_lost"))),
     ]
+    rows += _death_rows(summary)
     rows += [(label, format_value(_get(staleness, key))) for label, key in _STALENESS_ROWS]
     if _get(staleness, "anomalies") is not None:
         # Nonzero only when clocks of different machines disagree; worth seeing next to the numbers it bends.
@@ -187,6 +188,22 @@ def _results_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
         ),
         ("replicas agree", _agreement_text(summary)),
     ]
+    return rows
+
+
+def _death_rows(summary: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """What the survivors hold of each dead worker's gradients, and survivor groups cut apart (if any)."""
+    rows = []
+    held = summary.get("dead_gradients_held")
+    if isinstance(held, Mapping):
+        for dead, by_survivor in sorted(held.items()):
+            if isinstance(by_survivor, Mapping) and by_survivor:
+                counts = ", ".join(f"{r}: {format_value(c)}" for r, c in sorted(by_survivor.items()))
+                rows.append((f"worker {dead} (dead): its gradients held by survivors", counts))
+    cut = summary.get("cut_apart")
+    if isinstance(cut, list) and cut:
+        groups = " | ".join("{" + ", ".join(map(str, g)) + "}" for g in cut if isinstance(g, list))
+        rows.append(("survivors cut apart into", groups))
     return rows
 
 
