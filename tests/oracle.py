@@ -70,7 +70,7 @@ class OracleReport:
     applied: dict[int, int] = field(default_factory=dict)
     """Per live worker: gradient ids its replica applied (algorithms that hold gradient sets)."""
     lost: int = 0
-    """Gradients of dead workers that some live holders applied and others did not."""
+    """Gradients of dead workers (as many as they wrote before dying) that not every live holder applied."""
 
 
 def param_tolerance(x: np.ndarray, updates: int) -> float:
@@ -325,7 +325,9 @@ def _check_ids(
             sets = [
                 {i for lo, hi in replays[r].ids.get(origin, []) for i in range(lo, hi)} for r in report.live
             ]
-            report.lost += len(set.union(*sets) - set.intersection(*sets))
+            # Every gradient it computed (its rows, written before it could send any) that not every live
+            # holder applied: held by some, or by none.
+            report.lost += len(grads.get(origin, ())) - len(set.intersection(*sets))
         if holders == "all" or r == 0:
             for origin in report.live:
                 if origin not in rp.ids and len(grads[origin]) and not (holders == "server" and origin == 0):

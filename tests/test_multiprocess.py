@@ -129,9 +129,11 @@ def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
     report = check_run(run_dir)
     assert report.errors == [], report
     assert report.live == [0, 1] and report.dead == [2]
-    # Lost: the dead worker's gradients that reached one survivor and not the other, counted here from the
-    # histories and compared with the summary's own count.
-    assert report.lost == summary["gradients_lost"]
+    # Lost: the dead worker's gradients that not both survivors hold (one of them, or neither), counted here
+    # from the histories and the gradients it wrote, and compared with the summary's own count.
+    # The summary counts the dead worker's gradients from its streamed records, the oracle from its audit rows;
+    # the record is written just before the row, so a kill between the two leaves one more record.
+    assert summary["gradients_lost"] - report.lost in (0, 1), (report.lost, summary["gradients_lost"])
 
 
 def test_two_torchrun_nodes_of_two_processes(tmp_path):

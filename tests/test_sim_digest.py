@@ -16,12 +16,13 @@ from dasgd.experiments.spec import resolve_spec
 from dasgd.runs.simulate import simulate
 
 PINNED = {
-    "dasgd": "e46d7c58b1ec444de505a166711db6cd32cded2a72bdee36eb4363cc672a018e",
-    "gossip": "0d99fac0ca002c701b333a6b7552c7a088547b0d704c0f1d5aa3c6c8e61a3e64",
-    "ps-asgd": "ec5f3bce89265e393200cc955957a2fdb2f7ddf6d359b85bee3e9f2c58f72af2",
-    # Retaken when survivors began routing around a dead worker on sparse graphs (the crash of worker 4 on
-    # the ring used to cut the broadcast trees through it; now its neighbours reroute and tell the others).
-    "dasgd-ring": "a027b722da0bc6cb4f7f37187fe6bb5c6293a214b38182f969940a4196bc9229",
+    # Retaken twice since: when survivors began routing around a dead worker on sparse graphs (the crash of
+    # worker 4 on the ring used to cut the broadcast trees through it), and when a crashed worker's gradient
+    # records began to stay in the event log (a real worker now streams them, so the simulator keeps them).
+    "dasgd": "b92f5a2ab0b20269b856d152100219c80a75f2314f1f41b52fb7b6e72620c625",
+    "gossip": "c358cde4177290e0f8a5c1ec4d066a360d9a9a0f0c67da8d2a9ed4c4cf35825c",
+    "ps-asgd": "92cc75144f20b6cb7f64c8895f4783e822f686c6ba8eb471df9e3ef87135f54d",
+    "dasgd-ring": "e6bfe33f9edc03f0d9434245b689e6232c669b6e1f3156f4eae11c816b60b4b2",
 }
 
 

@@ -3,7 +3,7 @@
 The real test runs tests/scripts/splitplane_check.py under torchrun with three CPU processes (Gloo on every
 plane: the code path NCCL takes, minus the CUDA stream calls) and checks its JSON against truth computed
 here by hand: which ids exist, how many bytes a header and a payload take, which rejections the hostile
-headers must cause. The argument checks that need no process group run in-process.
+headers (forged, replayed, from another run, with an altered data-plane payload) must cause. The argument checks that need no process group run in-process.
 """
 
 from __future__ import annotations
@@ -56,9 +56,8 @@ def _run_check(tmp_path: Path, *args: str) -> dict[int, dict]:
 @pytest.mark.parametrize("keyed", [False, True], ids=["plain", "hmac"])
 def test_three_ranks_exchange_gradients_over_split_planes(tmp_path: Path, keyed: bool) -> None:
     res = _run_check(tmp_path, *(["--key"] if keyed else []))
-    tag = 32 if keyed else 0
-    grad_bytes = 56 + 8 * WORLD + tag + 4 * D  # header with a 3-entry clock, then the float32 payload
-    final_bytes = 56 + tag  # FINAL: no clock, no payload
+    grad_bytes = 152 + 8 * WORLD + 4 * D  # header (tag field included, keyed or not), 3-entry clock, payload
+    final_bytes = 152  # FINAL: no clock, no payload
     for rank, r in res.items():
         peers = [p for p in range(WORLD) if p != rank]
         assert r["keyed"] == keyed
@@ -88,8 +87,17 @@ def test_three_ranks_exchange_gradients_over_split_planes(tmp_path: Path, keyed:
     # the burst was coalesced somewhere (100 sends in a tight loop outrun a round trip each)
     assert sum(r["traffic"]["coalesced"] for r in res.values()) > 0
     # hostile headers: counted by reason at rank 1, none anywhere else; no data receive was posted for any
-    # of them, or rank 1's receiver would still be waiting and shutdown_ok would be False
-    want = {"shape": 1, "bad_dtype": 1, "unsynced_peer": 1, "inline_payload": 1, "wrong_sender": 1}
+    # of them (but the one whose payload was altered), or rank 1's receiver would still be waiting and
+    # shutdown_ok would be False; and the SHUTDOWNs after them still held the numbers rank 1 expected
+    want = {
+        "shape": 2,
+        "bad_dtype": 1,
+        "unsynced_peer": 1,
+        "wrong_sender": 1,
+        "replay": 1,
+        "wrong_run": 1,
+        "bad_digest": 1,
+    }
     if keyed:
         want["auth"] = 1
     assert res[1]["rejected"] == want

@@ -286,3 +286,12 @@ def test_a_worker_killed_at_start_up_fails_the_run_within_the_start_up_timeout_n
     assert "worker(s) 2 did not reach start-up stage 'joined' within 4 s" in err
     assert "Traceback" not in err
     assert time.monotonic() - t0 < 60
+
+
+def test_a_death_notice_crosses_the_wire_with_and_without_a_key():
+    from dasgd.core import wire
+
+    link = wire.Link(b"n" * 16, 2, 1)
+    for key in (None, b"k" * 32):
+        data = wire.encode(Message(Kind.DEAD, 2, 3), key, link=link, seq=5)
+        assert wire.decode(data, world_size=4, link=link, key=key, seq=5) == Message(Kind.DEAD, 2, 3)

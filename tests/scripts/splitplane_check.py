@@ -8,11 +8,16 @@ the CUDA stream calls. Phases, each rank at once:
    travels alone); the last 100 go in a burst and get coalesced. The same Message object goes to both peers,
    so a merge that did not copy would double a payload. Element j of gradient ``id`` of ``origin`` is
    ``origin * 1000 + id + (j % 7)``, and its clock says ``clock[origin] = id + 1``. Then a FINAL each.
-2. Hostile headers, all to rank 1, after a barrier: from rank 0 a signed-if-keyed detached header with the
-   wrong numel (rejected: shape) and afterwards one with the right numel but no payload behind it (rejected:
-   unsynced_peer); from rank 2 a header with the wrong dtype (bad_dtype), an inline payload
-   (inline_payload) and a valid header that claims rank 0 as its sender (wrong_sender); with a key, also one signed with the wrong key (auth). If the receiver posted a data
-   receive for any of them it would block for good and phase 3 would not end.
+2. Hostile headers, all to rank 1, after a barrier, each on the sender's real link with the sequence number
+   it needs (taken from the sender's own transport when the receiver will count it as used up). From rank 0:
+   a signed-if-keyed detached header with the wrong numel (rejected: shape), afterwards one with the right
+   numel but no payload behind it (rejected: unsynced_peer), the same bytes again (replay), a header bound
+   to another run's nonce (wrong_run) and, with a key, one signed with the wrong key (auth). From rank 2: a
+   valid header whose payload is altered on the data plane (bad_digest; the payload is received, so the
+   channel stays in step), a header with the wrong dtype (bad_dtype), a one-element inline payload (shape:
+   a payload of the transport's size would not fit the header-sized slot, which is the point of the slot)
+   and a valid header that claims rank 0 as its sender (wrong_sender). If the receiver posted a data receive
+   for a header it refused it would block for good and phase 3 would not end.
 3. SHUTDOWN to every peer (expect_shutdown, barrier, shutdown), then one JSON line per rank and os._exit(0).
 
 Also recorded: which data group every data-plane send and receive used (torch.distributed.isend/irecv are
@@ -35,12 +40,12 @@ import torch
 import torch.distributed as dist
 
 from dasgd.core.message import Kind, Message
-from dasgd.core.wire import encode
+from dasgd.core.wire import Link, encode
 from dasgd.transport.splitplane import SplitPlaneTransport, SplitPlaneUsageError, make_data_groups
+from dasgd.transport.threads import PAYLOAD_TAG, SLOT_TAG
 
 D = 2048
 N = 200
-TAG = 7  # the transport's tag
 PATTERN = torch.arange(D, dtype=torch.float32) % 7
 
 
@@ -51,9 +56,29 @@ def gradient(origin: int, i: int, world: int) -> Message:
     return Message(Kind.GRADIENT, origin, origin, i, i + 1, payload, clock)
 
 
-def raw_header(msg: Message, dst: int, group: dist.ProcessGroup, key: bytes | None, detached: bool) -> None:
-    data = encode(msg, key, detached=detached)
-    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), group=group, group_dst=dst, tag=TAG)
+def raw_header(
+    msg: Message,
+    dst: int,
+    group: dist.ProcessGroup,
+    key: bytes | None,
+    detached: bool,
+    seq: int,
+    nonce: bytes = bytes(16),
+) -> bytes:
+    """Put a hand-made header on the control plane, as the transport's slot message; return its bytes."""
+    data = encode(msg, key, link=Link(nonce, msg.sender, dst), seq=seq, detached=detached)
+    send_bytes(data, dst, group)
+    return data
+
+
+def send_bytes(data: bytes, dst: int, group: dist.ProcessGroup) -> None:
+    dist.send(torch.frombuffer(bytearray(data), dtype=torch.uint8), group=group, group_dst=dst, tag=SLOT_TAG)
+
+
+def peek_seq(t: SplitPlaneTransport, peer: int) -> int:
+    """The number the receiver expects next from us, without using it up (for messages it will refuse before
+    counting them in its sequence)."""
+    return t._next_seq.get(peer, 0) + 1
 
 
 def record_data_plane(up: dist.ProcessGroup, down: dist.ProcessGroup, log: list[tuple]) -> None:
@@ -160,24 +185,41 @@ def main() -> None:
     expected_rejects: dict[str, int] = {}
     if rank == 0:
         bad_numel = Message(Kind.GRADIENT, 0, 0, N, N + 1, torch.zeros(D + 1))
-        raw_header(bad_numel, 1, control, key, detached=True)
+        raw_header(bad_numel, 1, control, key, True, t._take_seq(1))
         right_but_unsynced = Message(Kind.GRADIENT, 0, 0, N + 1, N + 2, torch.zeros(D))
-        raw_header(right_but_unsynced, 1, control, key, detached=True)
+        sent = raw_header(right_but_unsynced, 1, control, key, True, t._take_seq(1))
+        send_bytes(sent, 1, control)  # replayed: its number is used up
+        other_run = Message(Kind.MODEL, 0, 0, payload=torch.zeros(D))
+        raw_header(other_run, 1, control, key, True, peek_seq(t, 1), nonce=b"another run nonce"[:16])
         if key is not None:
-            raw_header(Message(Kind.MODEL, 0, 0, payload=torch.zeros(D)), 1, control, b"wrong", detached=True)
+            raw_header(
+                Message(Kind.MODEL, 0, 0, payload=torch.zeros(D)), 1, control, b"wrong", True, peek_seq(t, 1)
+            )
     elif rank == 2:
+        # A valid header, then another payload on the data plane (same size): caught by the header's digest.
+        raw_header(
+            Message(Kind.GRADIENT, 2, 2, N, N + 1, torch.zeros(D)), 1, control, key, True, t._take_seq(1)
+        )
+        dist.send(torch.ones(D), group=down, group_dst=1, tag=PAYLOAD_TAG)
         bad_dtype = Message(Kind.GRADIENT, 2, 2, N, N + 1, torch.zeros(D, dtype=torch.float64))
-        raw_header(bad_dtype, 1, control, key, detached=True)
-        raw_header(Message(Kind.GRADIENT, 2, 2, N, N + 1, torch.zeros(1)), 1, control, key, detached=False)
+        raw_header(bad_dtype, 1, control, key, True, t._take_seq(1))
+        raw_header(
+            Message(Kind.GRADIENT, 2, 2, N, N + 1, torch.zeros(1)), 1, control, key, False, t._take_seq(1)
+        )
         # A valid header, signed if keyed, that claims to come from rank 0: refused on rank 2's link with no
         # data receive posted (none follows it, so a posted one would block rank 1's receiver for good).
-        raw_header(Message(Kind.GRADIENT, 0, 0, N + 5, N + 6, torch.zeros(D)), 1, control, key, detached=True)
+        forged = Message(Kind.GRADIENT, 0, 0, N + 5, N + 6, torch.zeros(D))
+        send_bytes(
+            encode(forged, key, link=Link(bytes(16), 0, 1), seq=peek_seq(t, 1), detached=True), 1, control
+        )
     else:
         expected_rejects = {
-            "shape": 1,
+            "shape": 2,
             "unsynced_peer": 1,
+            "replay": 1,
+            "wrong_run": 1,
+            "bad_digest": 1,
             "bad_dtype": 1,
-            "inline_payload": 1,
             "wrong_sender": 1,
         }
         if key is not None:

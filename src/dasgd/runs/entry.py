@@ -21,11 +21,14 @@ import torch
 from dasgd.core.ledger import StalenessLedger
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
+from dasgd.metrics.stream import RecordStream, StreamedLedger
 from dasgd.runs.build import build_task, build_worker, resolve, secret_key, stop_policy
 from dasgd.runs.results import run_log, summarize, worker_shard, write_run_outputs
+from dasgd.runs.summary import RunSummary
 from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import WorkerLoop
-from dasgd.runtime.session import DistributedSession
+from dasgd.runtime.session import DistributedSession, StartupTimeout
+from dasgd.transport.handshake import HandshakeError, agree_run_nonce, spec_digest
 from dasgd.transport.torchdist import TorchDistTransport
 
 __all__ = ["run_process", "PROGRESS_DIR_ENV", "RESULTS_DIR_ENV"]
@@ -64,26 +67,33 @@ def _make_transport(spec: RunSpec, session: DistributedSession, worker, device: 
     key = secret_key(spec)
     n, dtype = worker.params.numel(), worker.params.dtype
     coalesce = worker.algorithm.coalesce_gradients
+    # Every link opens with a handshake bound to this run's nonce and spec (the transport compares the world
+    # size, model size and dtype itself); a worker that differs is refused by name (HandshakeError).
+    links = {
+        "nonce": agree_run_nonce(session.collective_group),
+        "spec_digest": spec_digest(spec.task, spec.algorithm, spec.topology, spec.seed, spec.data),
+    }
     if device.type == "cpu":
         return TorchDistTransport(
-            session.rank, spec.workers, n, dtype, group=session.p2p_group, key=key, coalesce=coalesce
+            session.rank, spec.workers, n, dtype, group=session.p2p_group, key=key, coalesce=coalesce, **links
         )
     from dasgd.transport.splitplane import SplitPlaneTransport, make_data_groups
 
     up, down = make_data_groups("nccl")
+    group = session.p2p_group
     return SplitPlaneTransport(
-        session.rank, spec.workers, n, dtype, device, session.p2p_group, up, down, key=key, coalesce=coalesce
+        session.rank, spec.workers, n, dtype, device, group, up, down, key=key, coalesce=coalesce, **links
     )
 
 
 def run_process(
     spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None
-) -> dict | None:
+) -> RunSummary | None:
     """Run this process's worker to the end of the run. Returns the summary on rank 0, None elsewhere."""
     torch.set_num_threads(_threads_per_worker())
     # The default group is always Gloo: it carries the (CPU) message headers and the collectives. CUDA
     # replicas add two NCCL groups for the gradient payloads (the split-plane transport).
-    session = DistributedSession("gloo")
+    session = DistributedSession("gloo", startup_timeout=spec.startup_timeout)
     results_dir = Path(os.environ[RESULTS_DIR_ENV]) if os.environ.get(RESULTS_DIR_ENV) else None
     try:
         if session.world_size != spec.workers:
@@ -102,23 +112,41 @@ def run_process(
         transport = _make_transport(spec, session, worker, device)
         # The time origin is agreed after every process has built its data and model, so start-up cost
         # (dataset loading) is not counted as training time.
+        # Bounded: a worker that died while loading its data is named, instead of the others waiting for it.
+        session.check_in("ready")
         session.barrier()  # every worker starts training together (a root's broadcast need not wait)
         clock = WallClock(session.shared_origin(time.time()))
-        ledger = StalenessLedger(spec.workers)
-        evaluator = (lambda: task.evaluate(worker.model, full=False)) if rank == 0 else None
+        # Under the embedded launcher, records and evaluations are streamed next to the shard as they are
+        # taken, so a worker killed mid-run still leaves its gradients and evaluations (metrics/stream.py).
+        # Each record reaches the OS before its gradient is pushed (the ledger records, then the worker commits),
+        # so every gradient a survivor holds has its record on disk: one small write per gradient (about a
+        # microsecond, against a millisecond for the gradient itself) buys an exact account of a dead worker.
+        stream = RecordStream(results_dir, rank, spec.workers, flush_every=0.0) if results_dir else None
+        ledger = StalenessLedger(spec.workers) if stream is None else StreamedLedger(spec.workers, stream)
+        # Every worker can evaluate; the loop lets only the lowest live rank do it, so evaluation and the
+        # target-accuracy stop survive the death of worker 0.
+        evaluator = lambda: task.evaluate(worker.model, full=False)  # noqa: E731
         policy = stop_policy(spec, task, simulated=False)
         loop = WorkerLoop(
-            worker, transport, clock, ledger, policy, evaluator, on_progress, slowdown=spec.slowdown(rank)
+            worker,
+            transport,
+            clock,
+            ledger,
+            policy,
+            evaluator,
+            on_progress,
+            slowdown=spec.slowdown(rank),
+            on_evaluation=stream.evaluation if stream is not None else None,
         )
         result = loop.run()
         if worker.audit is not None:
             worker.save_audit()
-        final_metrics = task.evaluate(worker.model, full=True) if rank == 0 else {}
-        if rank == 0:
+        evaluates = loop.evaluates
+        final_metrics = task.evaluate(worker.model, full=True) if evaluates else {}
+        if evaluates:
             # Marked: this one is on the full test set after the drain, the others on a fixed subset.
-            result.evals.append(
-                {"worker": 0, "time": clock.now(), "gradients": worker.applied, "final": 1.0, **final_metrics}
-            )
+            final = {"worker": rank, "time": clock.now(), "gradients": worker.applied, "final": 1.0}
+            result.evals.append({**final, **final_metrics})
         shard = worker_shard(
             worker,
             ledger,
@@ -129,7 +157,7 @@ def run_process(
             evals=result.evals,
             transport=transport.stats().to_dict(),
             final_metrics=final_metrics,
-            task_info=task.describe() if rank == 0 else {},
+            task_info=task.describe(),  # every shard: the run's description survives any one death
             batch_size=resolved.batch_size,
             lr=resolved.lr,
         )
@@ -140,10 +168,12 @@ def run_process(
             tmp = results_dir / f".rank{rank}.npz.tmp"
             tmp.write_bytes(shard.to_bytes())
             os.replace(tmp, results_dir / f"rank{rank}.npz")
+            if stream is not None:
+                stream.close()
             transport.close()
             return None
         gathered = session.gather_bytes(shard.to_bytes())
-        summary = None
+        summary: RunSummary | None = None
         if rank == 0:
             assert gathered is not None
             shards = [WorkerShard.from_bytes(b) for b in gathered]
@@ -172,7 +202,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     run_dir = Path(args[0])
     spec = resolve_spec(load_spec_file(run_dir / "spec.yaml"))
-    run_process(spec, run_dir)
+    try:
+        run_process(spec, run_dir)
+    except (StartupTimeout, HandshakeError) as exc:
+        # Expected when a peer died at start-up, or was refused when the links opened (another key, spec or
+        # version): one line in the log says which, no traceback.
+        sys.stderr.write(f"dasgd worker {os.environ.get('RANK', '?')}: {exc}\n")
+        sys.stderr.flush()
+        os._exit(3)
     sys.stdout.flush()
     sys.stderr.flush()
     # The transport's receiver thread may still be blocked in a posted receive; tearing the process group

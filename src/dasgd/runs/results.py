@@ -93,6 +93,7 @@ def summarize(
     *,
     log: EventLog,
     streams: Mapping[int, StreamRead] | None = None,
+    dead_computed: Mapping[int, int] | None = None,
 ) -> RunSummary:
     """The run's summary (``summary.json`` is its :meth:`~dasgd.runs.summary.RunSummary.to_dict`).
 
@@ -100,6 +101,7 @@ def summarize(
     is then known only as the most any survivor holds, and the gradients some survivors hold and others do
     not are counted as lost. ``log`` is the run's records (:func:`run_log`). ``streams`` holds what dead
     workers streamed before they died (metrics/stream.py): their computed counts are then exact.
+    ``dead_computed``: the same counts known otherwise (the simulator keeps its crashed workers).
     """
     shards = sorted(shards, key=lambda s: s.meta["rank"])
     n = spec.workers
@@ -112,9 +114,11 @@ def summarize(
         np.maximum(computed, s.final_clock, out=computed)  # dead workers: the most anyone got
     for s in shards:
         computed[s.meta["rank"]] = s.meta["computed"]
-    for rank, stream in (streams or {}).items():
+    known = {rank: stream.computed for rank, stream in (streams or {}).items()}
+    known.update(dead_computed or {})
+    for rank, count in known.items():
         if rank in dead:
-            computed[rank] = max(int(computed[rank]), stream.computed)
+            computed[rank] = max(int(computed[rank]), int(count))
     total = int(computed.sum())
     replicas = _replica_contract(spec.algorithm)
     # Which replicas must end holding every gradient: all of them (gradient-push algorithms), the server's

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 
-from dasgd.core.ledger import keep_clock_rows
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.runs.build import Resolved, build_sampler, build_task, build_worker, resolve, stop_policy
@@ -127,9 +126,18 @@ def simulate(spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] |
     # The shards carry each worker's counters; the gradient records stay in one table (a clock of n integers
     # per gradient: at 1,000 workers x 10^5 gradients, hundreds of megabytes), never copied whole.
     shards = [_shard(engine, outcome, r, evaluator, final_metrics, task, resolved) for r in live]
-    log = run_log(shards, spec.workers, _records_of(outcome, live))
+    # A crashed worker's records stay in, as a real worker's streamed records do (metrics/stream.py).
+    log = run_log(shards, spec.workers, outcome.records.take())
+    crashed = {r: workers[r].computed for r in range(spec.workers) if outcome.crashed[r]}
     summary = summarize(
-        spec, shards, task.describe(), resolved.batch_size, resolved.lr, time_unit="virtual", log=log
+        spec,
+        shards,
+        task.describe(),
+        resolved.batch_size,
+        resolved.lr,
+        time_unit="virtual",
+        log=log,
+        dead_computed=crashed,
     )
     simulation = {
         **sim.to_dict(),
@@ -148,22 +156,6 @@ def simulate(spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] |
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
     write_run_outputs(run_dir, summary, log)
     return summary
-
-
-def _records_of(
-    outcome: SimOutcome, live: list[int]
-) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The live workers' gradient records, in completion order.
-
-    A crashed worker's records are left out, as a real run loses them with the process; its gradients that
-    reached others still count through their clocks. Rows are compacted in place: no second clock table.
-    """
-    origin, index, start, end, clock = outcome.records.take()
-    keep = np.isin(origin, np.asarray(live, dtype=np.int64))
-    if keep.all():
-        return origin, index, start, end, clock
-    rows = np.flatnonzero(keep)
-    return origin[rows], index[rows], start[rows], end[rows], keep_clock_rows(clock, rows)
 
 
 def _shard(

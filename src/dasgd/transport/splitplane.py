@@ -4,18 +4,16 @@ Why two planes: GPU replicas should exchange gradients GPU to GPU over NCCL, wit
 NCCL point-to-point, however, cannot receive from "any source" (there is no ``irecv(src=None)``), so a
 receiver could not know whom to listen to next. The split:
 
-- **Control plane** (a Gloo group, exactly as :class:`~dasgd.transport.torchdist.TorchDistTransport`): every
-  message goes as a wire-encoded header (kind, sender, origin, id range, clock, dtype, numel, crc, optional
-  HMAC). One sender thread per peer, fed by a :class:`CoalescingQueue`, and one receiver thread per peer
-  that keeps a receive from that peer posted, validates the untrusted bytes (the sender field must name that
-  peer) and handles SHUTDOWN the same way. A message with a payload (GRADIENT, MODEL) is encoded with the
-  *detached* flag (:mod:`dasgd.core.wire`, flags bit 1): numel and dtype announce the payload, whose bytes
-  are not in the header.
+- **Control plane** (a Gloo group, exactly as :class:`~dasgd.transport.torchdist.TorchDistTransport`, with
+  the same handshake, sequence numbers and slot receive: :mod:`dasgd.transport.threads`): every message goes
+  as a wire-encoded header with its clock. A message with a payload (GRADIENT, MODEL) is always encoded with
+  the *detached* flag (:mod:`dasgd.core.wire`, flags bit 1): numel and dtype announce the payload, whose
+  bytes are not in the header.
 - **Data plane**: right after a header's send completes, the same sender thread sends the payload tensor
-  itself (``isend``) to the same peer on a data group; that peer's receiver thread, having decoded the
+  itself (``isend``) to the same peer on a data group; that peer's receiver thread, having verified the
   header, knows the element count and dtype, and posts the matching ``irecv`` into a fresh buffer on the
   data device. Per pair both planes are FIFO and each pair's data operations are issued by one thread on
-  each side, so the k-th payload received from a peer belongs to the k-th detached header from that peer.
+  each side, so the k-th payload received from a peer belongs to the k-th detached header accepted from it.
   For CUDA tensors the data groups are NCCL; for CPU tensors Gloo (how the tests run this code on a CPU).
 
 Two data groups, ``up`` (lower rank -> higher rank) and ``down`` (higher -> lower), made by
@@ -29,32 +27,24 @@ side by side; every transfer here is posted only once its counterpart is imminen
 
 Untrusted headers: a detached header must announce exactly the constructor's ``numel`` and ``dtype``;
 otherwise it is rejected and counted (``shape`` / ``bad_dtype``) and NO data receive is posted for it (that
-is what keeps a hostile header from making us allocate or wait). The pair's data plane is then out of step
-(a payload the peer may have sent for that header would be taken for the next header's), so that peer is
-*unsynced* from then on: its later detached headers are rejected (``unsynced_peer``) without a receive,
-while its control messages still count. A well-behaved peer never produces such a header (``send`` checks
-numel, dtype and device first), so only a buggy or hostile peer loses its own data this way. Each receiver
+is what keeps a hostile header from making us allocate or wait). The pair's data plane is then out of step,
+so that peer is *unsynced* from then on (``unsynced_peer``; :mod:`dasgd.transport.threads`). Each receiver
 listens to one peer, so a header claiming another sender is refused (``wrong_sender``, without a data
-receive): no peer can spend another's data plane, with or without a key. (What such a peer then puts on
-its own data plane can only be taken for its own later payloads, which it controls anyway.)
-A peer that sends a valid header and then never the payload stalls its own receiver here until the data
-group's timeout (Gloo raises, counted as ``data_receive_error``; NCCL's watchdog aborts the process): use a
-key.
+receive): no peer can spend another's data plane, with or without a key. A peer that sends a valid header
+and then never the payload stalls its own receiver here until the data group's timeout (Gloo raises,
+counted as ``payload_receive_error``; NCCL's watchdog aborts the process).
 
-Rejection reasons beyond :data:`dasgd.core.wire.REJECT_REASONS`: ``wrong_sender`` (the header names a sender other than the link's peer), ``early_shutdown`` (SHUTDOWN
-before :meth:`expect_shutdown`), ``inline_payload`` (a payload inside the header: split-plane peers always
-detach), ``unsynced_peer`` (see above) and ``data_receive_error`` (the data receive failed; that peer
-becomes unsynced). A failed control receive means the link is gone: that receiver ends and the peer is
-marked dead.
-
-Authentication: with a key, the HMAC covers the header and clock only. Checking GPU payload bytes would need
-a device-to-host copy of every gradient; payload integrity is left to the data fabric (NCCL/Gloo over a
-trusted network), and the header's HMAC still stops forged senders, id ranges, clocks and sizes.
+Authentication: with a key, the header's HMAC covers the header, the clock and the payload's SHA-256
+digest, which the sender computes on a host copy of the payload and the receiver checks on a host copy of
+what arrived, before delivering it (``bad_digest`` otherwise). For CUDA payloads that is one device-to-host
+copy and one SHA-256 per gradient on each side: the price of authenticating the data plane. Without a key
+a CPU payload carries a crc32 (cheap, accidental corruption only) and a CUDA payload carries no digest: its
+integrity is left to the data fabric, as a crc would cost the same host copy.
 
 CUDA stream discipline (see the comments at each use; none of it runs for CPU tensors):
 - ``send`` records a CUDA event on the caller's current stream after queuing the payload (the queue may
   have added it into a pending one there), and the sender thread makes its own side stream wait for those
-  events before ``isend``: NCCL orders its stream after the *calling thread's* current stream only.
+  events before hashing or sending: NCCL orders its stream after the *calling thread's* current stream only.
 - Each transport thread issues its NCCL work from a private side stream, never the default one: NCCL's
   ``work.wait()`` makes the current stream wait for the transfer, and if the training stream waited on a
   receive while the peer's send waited on *its* training stream, which waited on a receive from us, the GPUs
@@ -78,18 +68,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from dasgd.core.message import Kind, Message
-from dasgd.core.wire import Decoded, decode_detached, encode_into, encoded_size
+from dasgd.core.message import Message
+from dasgd.core.wire import Link, encode_into, encoded_size
 from dasgd.transport.queue import CoalescingQueue
-from dasgd.transport.threads import PeerThreads
+from dasgd.transport.threads import DEFAULT_HANDSHAKE_TIMEOUT, PAYLOAD_TAG, SLOT_TAG, PeerThreads
 
 __all__ = ["SplitPlaneTransport", "SplitPlaneUsageError", "make_data_groups"]
-
-_TAG = 7  # one tag on every group; per-pair order on a tag is what pairs headers with payloads (Gloo)
-
-
-def _sender_of(head: Decoded) -> int:
-    return head.message.sender
 
 
 class SplitPlaneUsageError(ValueError):
@@ -156,8 +140,10 @@ class SplitPlaneTransport(PeerThreads):
     """A Transport endpoint whose headers travel on a Gloo control group and payloads on data groups.
 
     Implements the :class:`dasgd.transport.base.Transport` protocol, plus :meth:`expect_shutdown` and
-    :meth:`shutdown` with the same end-of-run semantics as ``TorchDistTransport``. The module docstring
-    explains the design, the NCCL constraints it follows and what a hostile header can and cannot do.
+    :meth:`shutdown` with the same end-of-run semantics as ``TorchDistTransport``, and the same handshake:
+    every peer must build its endpoint at about the same time (within ``handshake_timeout``). The module
+    docstring explains the design, the NCCL constraints it follows and what a hostile header can and cannot
+    do.
 
     Args:
         rank: this process's rank in the three groups.
@@ -170,14 +156,22 @@ class SplitPlaneTransport(PeerThreads):
             while the transport is open.
         up_group: data group for traffic from lower to higher rank (from :func:`make_data_groups`).
         down_group: data group for traffic from higher to lower rank.
-        key: shared secret; when set, every header carries an HMAC-SHA256 tag (header and clock only, not
-            the payload) and untagged headers are refused.
+        key: shared secret; when set, every header carries an HMAC-SHA256 tag over the header, the clock
+            and the payload's SHA-256, and unsigned headers are refused.
         send_clock: messages carry the sender's vector clock.
+        coalesce: sum queued contiguous gradients of one origin (False: keep every message separate).
+        nonce: the run's nonce (see :class:`~dasgd.transport.torchdist.TorchDistTransport`).
+        spec_digest: 32 bytes that identify the run's spec (as for ``TorchDistTransport``).
+        handshake_timeout: seconds to wait for every peer's HELLO.
 
     Raises:
         SplitPlaneUsageError: inconsistent ranks or groups, an unsupported device, or ``up_group`` and
             ``down_group`` being the same group.
+        HandshakeError: a peer was refused at the handshake, sent no HELLO in time, or was lost.
     """
+
+    _transport_name = "splitplane"
+    _inline_payloads = False
 
     def __init__(
         self,
@@ -192,6 +186,10 @@ class SplitPlaneTransport(PeerThreads):
         key: bytes | None = None,
         send_clock: bool = True,
         coalesce: bool = True,
+        *,
+        nonce: bytes | None = None,
+        spec_digest: bytes | None = None,
+        handshake_timeout: float = DEFAULT_HANDSHAKE_TIMEOUT,
     ) -> None:
         if not 0 <= rank < world_size:
             raise SplitPlaneUsageError(f"rank {rank} is outside a world of {world_size} workers")
@@ -210,22 +208,32 @@ class SplitPlaneTransport(PeerThreads):
                         f"{dist.get_rank(group)} here, but the transport was given world_size={world_size} "
                         f"and rank={rank}; all three groups must span the same ranks in the same order"
                     )
-        self._setup_threads(rank, world_size, coalesce)
-        self._numel = numel
-        self._dtype = dtype
         self._device = _normalise_device(device)
+        self._setup_threads(
+            rank,
+            world_size,
+            coalesce,
+            numel=numel,
+            dtype=dtype,
+            control_group=control_group,
+            key=key,
+            nonce=nonce,
+            spec_digest=spec_digest,
+        )
         self._cuda = self._device.type == "cuda"
-        self._control = control_group
         self._up = up_group
         self._down = down_group
-        self._key = key
         self._send_clock = send_clock
         # Headers only: sized for a full clock whatever we send, since a peer may be configured to send one.
-        self._capacity = encoded_size(numel, dtype, world_size, key is not None, detached=True)
+        self._slot_capacity = encoded_size(numel, dtype, world_size, detached=True)
         self._payload_bytes = numel * dtype.itemsize
+        # A digest needs the payload's bytes on the host. With a key it is the data plane's authentication,
+        # so it is always there; without one, a CPU payload gets a cheap crc and a CUDA payload none (its
+        # host copy would cost what the split plane exists to avoid).
+        self._digest = key is not None or not self._cuda
         # CUDA-only: the stream consumers of received tensors work on (see the module docstring).
         self._consumer_stream = torch.cuda.current_stream(self._device) if self._cuda else None
-        self._start_receivers(f"dasgd-splitrecv-{rank}")
+        self._open_links(f"dasgd-splitrecv-{rank}", handshake_timeout)
 
     # -- Transport protocol ---------------------------------------------------------------------------
     def send(self, peer: int, msg: Message) -> None:
@@ -279,7 +287,7 @@ class SplitPlaneTransport(PeerThreads):
         return self._up if src < dst else self._down
 
     @contextlib.contextmanager
-    def _side_stream(self) -> Iterator[None]:
+    def _thread_context(self) -> Iterator[None]:
         """Run the body with a private CUDA stream current (CUDA only; a no-op on the CPU).
 
         CUDA-only: the current device and stream are per thread, so each transport thread selects the
@@ -292,105 +300,60 @@ class SplitPlaneTransport(PeerThreads):
         with torch.cuda.stream(torch.cuda.Stream(self._device)):
             yield
 
-    def _send_loop(self, peer: int, out: _Outbox) -> None:
-        with self._side_stream():
-            buf = torch.empty(self._capacity, dtype=torch.uint8)
-            group = self._data_group(self.rank, peer)
-            box = out.box
-            while True:
-                msg = box.take()
-                if msg is None:
-                    return
-                try:
-                    detached = msg.payload is not None
-                    n = encode_into(msg, buf, self._key, detached=detached)
-                    # Header first (Gloo): the receiver learns who sends what before the data arrives, which
-                    # NCCL needs because it cannot receive from an unknown source.
-                    dist.isend(buf[:n], group=self._control, group_dst=peer, tag=_TAG).wait()
-                    if detached:
-                        n += self._send_payload(peer, msg.payload, out, group)
-                    self._count_sent(n)
-                except RuntimeError:
-                    self._peer_died(peer, box)
-                finally:
-                    # Only now: for CUDA, _send_payload has synchronised, so the transfer no longer needs
-                    # the payload that ``msg`` keeps alive until here.
-                    box.done()
+    def _send_message(
+        self, peer: int, msg: Message, slot: torch.Tensor, link: Link, seq: int, out: _Outbox
+    ) -> int:
+        payload = msg.payload
+        flat = None
+        if payload is not None:
+            flat = self._ready_payload(payload, out)
+            msg = dataclasses.replace(msg, payload=flat)
+        n = encode_into(
+            msg, slot, self._key, link=link, seq=seq, detached=flat is not None, digest=self._digest
+        )
+        # Header first (Gloo): the receiver learns who sends what before the data arrives, which NCCL needs
+        # because it cannot receive from an unknown source.
+        dist.isend(slot[:n], group=self._control, group_dst=peer, tag=SLOT_TAG).wait()
+        if flat is not None and flat.numel():  # the receiver posts nothing for an empty payload either
+            dist.isend(flat, group=self._data_group(self.rank, peer), group_dst=peer, tag=PAYLOAD_TAG).wait()
+            if flat.is_cuda:
+                # CUDA-only: NCCL's wait() only made our side stream wait for the transfer; block until it
+                # has really happened, so neither ``flat`` nor the payload is freed or reused before. Only
+                # then may the caller mark the message done (the message keeps the payload alive).
+                torch.cuda.current_stream(flat.device).synchronize()
+            n += flat.numel() * flat.element_size()
+        return n
 
-    def _send_payload(self, peer: int, payload: torch.Tensor, out: _Outbox, group: dist.ProcessGroup) -> int:
-        """Send ``payload`` on the data plane and return its byte count, once the transfer is complete."""
+    def _ready_payload(self, payload: torch.Tensor, out: _Outbox) -> torch.Tensor:
+        """``payload`` flat and contiguous in C order (as the receiver's buffer expects), once every change
+        queued to it on a CUDA stream is done as far as this thread's stream is concerned."""
         if payload.is_cuda:
             # CUDA-only. The message was taken from the queue before this lock is acquired, and send()
             # holds the lock from put() until its event is recorded, so the events read here cover every
-            # change made to this payload. Waiting is on the GPU (stream to event), not on the host.
+            # change made to this payload. Waiting is on the GPU (stream to event), not on the host; the
+            # digest's host copy and the send both run on this stream, after the waits.
             with out.lock:
                 events = list(out.ready.values())
             stream = torch.cuda.current_stream(payload.device)
             for event in events:
                 stream.wait_event(event)
-        # C order and contiguous, as the receiver's flat buffer expects; a copy, if one is needed, runs
-        # after the waits above.
-        flat = payload.detach().reshape(-1).contiguous()
-        if flat.numel():  # the receiver posts nothing for an empty payload either
-            dist.isend(flat, group=group, group_dst=peer, tag=_TAG).wait()
-            if flat.is_cuda:
-                # CUDA-only: NCCL's wait() only made our side stream wait for the transfer; block until it
-                # has really happened, so neither ``flat`` nor the payload is freed or reused before.
-                torch.cuda.current_stream(flat.device).synchronize()
-        return flat.numel() * flat.element_size()
+        return payload.detach().reshape(-1).contiguous()
 
-    def _receive_payload(self, src: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
-        """Receive the payload announced by a header from ``src``; RuntimeError if the receive fails."""
+    def _receive_payload(self, peer: int, numel: int, dtype: torch.dtype) -> torch.Tensor:
+        """Receive the payload announced by a verified header from ``peer``; RuntimeError if it fails."""
         tensor = torch.empty(numel, dtype=dtype, device=self._device)
         if numel:
             # An explicit source (NCCL has no "any source"): the header said who sends the payload.
-            dist.irecv(tensor, group=self._data_group(src, self.rank), group_src=src, tag=_TAG).wait()
+            group = self._data_group(peer, self.rank)
+            # No timeout argument: the data group's own timeout applies (and a NCCL wait with one would block
+            # this thread on the host instead of making its stream wait).
+            dist.irecv(tensor, group=group, group_src=peer, tag=PAYLOAD_TAG).wait()
             if tensor.is_cuda:
                 # CUDA-only: wait() made only our side stream wait; synchronise so the values are final
-                # before the inbox hands them out, then tell the allocator the consumer stream uses them.
+                # before they are hashed or handed out, then tell the allocator the consumer stream uses them.
                 torch.cuda.current_stream(tensor.device).synchronize()
                 tensor.record_stream(self._consumer_stream)
         return tensor
-
-    def _receive_loop(self, peer: int) -> None:
-        unsynced = False  # this peer's data plane is out of step with its headers (see the module docstring)
-        with self._side_stream():
-            for head in self._decoded(peer, self._control, _TAG, decode_detached, _sender_of):
-                msg = head.message
-                nbytes = encoded_size(
-                    head.numel, head.dtype, 0 if msg.clock is None else len(msg.clock), self._key is not None
-                )
-                if msg.kind == Kind.SHUTDOWN:
-                    self._count_received(nbytes)
-                    if self._shutdown_expected.is_set():
-                        return
-                    self._count_rejected("early_shutdown")
-                    continue
-                if msg.payload is not None:
-                    # Split-plane peers always detach payloads; an inline one is foreign or hostile.
-                    self._count_rejected("inline_payload")
-                    continue
-                if head.detached:
-                    if unsynced:
-                        self._count_rejected("unsynced_peer")
-                        continue
-                    # Checked before any receive is posted or any memory allocated: a header that lies about
-                    # the payload costs us nothing but its sender's data plane.
-                    if head.numel != self._numel or head.dtype != self._dtype:
-                        self._count_rejected("shape" if head.numel != self._numel else "bad_dtype")
-                        unsynced = True
-                        continue
-                    try:
-                        payload = self._receive_payload(peer, head.numel, head.dtype)
-                    except RuntimeError:
-                        if self._closed:
-                            return
-                        self._count_rejected("data_receive_error")
-                        unsynced = True
-                        continue
-                    msg = dataclasses.replace(msg, payload=payload)
-                self._count_received(nbytes)
-                self._deliver(msg)
 
     def _deliver(self, msg: Message) -> None:
         if self._consumer_stream is None:
