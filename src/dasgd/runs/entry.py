@@ -72,6 +72,8 @@ def _make_transport(spec: RunSpec, session: DistributedSession, worker, device: 
     links = {
         "nonce": agree_run_nonce(session.collective_group),
         "spec_digest": spec_digest(spec.task, spec.algorithm, spec.topology, spec.seed, spec.data),
+        # A peer's HELLO is part of start-up: the same bound as the other start-up stages.
+        "handshake_timeout": spec.startup_timeout,
     }
     if device.type == "cpu":
         return TorchDistTransport(
