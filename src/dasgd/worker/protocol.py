@@ -26,10 +26,9 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
-import torch
-
 from dasgd.core.ledger import StalenessLedger
 from dasgd.core.message import Message
+from dasgd.worker.replica import all_finite
 from dasgd.worker.rules import stop_reason
 from dasgd.worker.worker import Gradient, Outgoing, Worker
 
@@ -168,7 +167,7 @@ class WorkerProtocol:
         """The gradient started at ``started`` is complete at ``finished``: record it, commit it, and return
         what must be sent. Call :meth:`step` next."""
         self._require(Phase.TRAINING)
-        if not bool(torch.isfinite(gradient.grad).all()):
+        if not all_finite(gradient.grad):
             # The replica diverged (a NaN or infinity in its own gradient): the gradient is neither applied
             # nor sent, and the next step stops the worker with reason "diverged" and tells every peer.
             self.worker.diverged = True

@@ -50,7 +50,7 @@ from dasgd.core.gradset import GradientSet
 from dasgd.core.message import MAX_GRADIENT_ID, MAX_GRADIENTS_PER_MESSAGE, Kind, Message
 from dasgd.core.topology import SurvivorRoutes, Topology
 from dasgd.worker.audit import AuditTrail
-from dasgd.worker.replica import flat_grad, flatten_parameters
+from dasgd.worker.replica import all_finite, flat_grad, flatten_parameters
 
 __all__ = ["AlgorithmEffectError", "Gradient", "Outgoing", "Worker"]
 
@@ -487,7 +487,7 @@ class Worker:
             or not self.algorithm.commutes
             or self._gaps
             or (bundle.payload is not None and bundle.payload.numel() != self.params.numel())
-            or (bundle.payload is not None and not bool(torch.isfinite(bundle.payload).all()))
+            or (bundle.payload is not None and not all_finite(bundle.payload))
             or (len(origin) and int((hi - lo).max()) > MAX_GRADIENTS_PER_MESSAGE)
             or (len(hi) and int(hi.max()) > MAX_GRADIENT_ID)
             or (len(f_count) and (int(f_count.min()) < 0 or int(f_count.max()) > MAX_GRADIENT_ID))
@@ -647,7 +647,7 @@ class Worker:
         """Whether a payload is finite; a NaN or infinity is refused and its origin flagged, so a diverging
         peer shows in the summary instead of silently poisoning this replica."""
         assert msg.payload is not None
-        if bool(torch.isfinite(msg.payload).all()):
+        if all_finite(msg.payload):
             return True
         self.rejected["non_finite"] += 1
         self.non_finite_origins[msg.origin] += 1
