@@ -147,7 +147,8 @@ def resolve_sim_spec(values: dict[str, Any] | None, workers: int) -> SimSpec:
         elif key == "links":
             kw[key] = tuple(parse_link(v) for v in value)
         elif key == "bandwidth":
-            kw[key] = math.inf if value in ("inf", 0) else _num(key, value)
+            # None is how spec.yaml writes "unlimited"; 0 is refused below (it is not "no limit").
+            kw[key] = math.inf if value in ("inf", None) else _num(key, value)
         else:
             kw[key] = _num(key, value)
     spec = SimSpec(**kw)

@@ -17,7 +17,7 @@ from typing import Any
 import yaml
 
 from dasgd.core.message import MAX_GRADIENTS_PER_MESSAGE
-from dasgd.experiments.settings import kind_of, setting
+from dasgd.experiments.settings import flag_of, kind_of, setting
 from dasgd.experiments.simspec import SimSpec, resolve_sim_spec
 
 __all__ = ["RunSpec", "SpecError", "load_spec_file", "resolve_spec", "parse_straggler", "flag_name"]
@@ -34,8 +34,14 @@ class SpecError(ValueError):
         self.flag = flag
 
 
+MAX_SLOWDOWN = 1e6
+"""The largest straggler factor: beyond it a worker's waits overflow a sleep, and it computes nothing anyway."""
+
 def flag_name(key: str) -> str:
-    """The CLI flag for a spec field: ``max_gradients`` -> ``--max-gradients``."""
+    """The CLI flag for a spec field: ``max_gradients`` -> ``--max-gradients``; a run setting whose flag
+    differs from its name (``stragglers`` -> ``--straggler``) gets the flag a user types."""
+    if key in _RUN_FIELDS:
+        return flag_of(RunSpec, key)
     return "--" + key.replace("_", "-")
 
 
@@ -143,6 +149,9 @@ class RunSpec:
 
 _STRAGGLER = re.compile(r"^\s*(\d+)\s*[xX:]\s*([0-9.eE+-]+)\s*$")
 
+
+
+_RUN_FIELDS = frozenset(f.name for f in fields(RunSpec))
 
 def parse_straggler(text: str) -> tuple[int, float]:
     """Parse "RANKxFACTOR" (e.g. "1x5": worker 1 five times slower)."""
@@ -342,7 +351,11 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
             "stragglers",
             f"worker {rank} does not exist in a run of {spec.workers} workers (ranks 0..{spec.workers - 1})",
         )
-        need(factor >= 1, "stragglers", f"slowdown {factor:g} for worker {rank}: give a factor >= 1")
+        need(
+            math.isfinite(factor) and 1 <= factor <= MAX_SLOWDOWN,
+            "stragglers",
+            f"slowdown {factor:g} for worker {rank}: give a factor from 1 to {MAX_SLOWDOWN:g}",
+        )
     if spec.secret_env is not None:
         need(
             bool(re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", spec.secret_env)),

@@ -28,6 +28,7 @@ from torch.distributed import TCPStore
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import read_stream
+from dasgd.runs.build import secret_key
 from dasgd.runs.results import run_log, summarize, write_run_outputs
 from dasgd.runs.summary import RunSummary
 
@@ -94,6 +95,7 @@ def launch_local(
         on_progress: called about 5 times a second with the latest progress of every worker.
         stall_timeout: seconds without any progress after which the run is declared hung and stopped.
     """
+    secret_key(spec)  # an unset --secret-env variable is reported here (SpecError), not by every worker
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
     logs = run_dir / "logs"
@@ -104,8 +106,9 @@ def launch_local(
         old.unlink()
     shard_dir = run_dir / "shards"
     shard_dir.mkdir(exist_ok=True)
-    for old in shard_dir.glob("rank*.npz"):
-        old.unlink()
+    for pattern in ("rank*.npz", "rank*.records", "rank*.evals.jsonl"):
+        for old in shard_dir.glob(pattern):
+            old.unlink()  # a worker that dies before writing its own must not leave an earlier run's
     store = host_store()  # held until every worker has exited (the function's end)
     base_env = dict(os.environ)
     base_env.update(
