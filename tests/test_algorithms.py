@@ -176,6 +176,63 @@ def test_sync_equals_mean_gradient_sgd_and_local_sgd_with_h1_equals_sync():
         torch.testing.assert_close(w.params, x.to(w.params.dtype), rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("name", ["sync", "local-sgd"])
+def test_a_barrier_completes_over_the_live_workers_and_averages_what_it_holds(name):
+    """Worker 2 sends its part of a step (sync: its gradient; local-sgd: its model) to worker 0 only, then
+    dies, and both survivors declare it dead. Worker 0 holds 2's part and its own: the step is not complete
+    until worker 1's part is in too (a dead worker's part never stands in for a live one's), and then it
+    averages the three. Worker 1 never got 2's part and averages two. Each divides by the parts it holds, not
+    by the number of live workers (that would scale worker 0's step by 3/2)."""
+    _, _, _, ws = _workers(name, 3, local_steps=1)
+    _lockstep(ws, 3)
+    net = InProcessNetwork(3, coalesce=False)
+    ends = [net.endpoint(r) for r in range(3)]
+    before = [w.params.clone() for w in ws]
+    parts = {}
+
+    def commit(r: int) -> list:
+        out = ws[r].commit(ws[r].compute())
+        payloads = {id(m): m for _, m in out}
+        assert len(payloads) == 1  # the same part goes to both peers
+        parts[r] = next(iter(payloads.values())).payload.clone()
+        return out
+
+    send_all(ends[2], [(p, m) for p, m in commit(2) if p == 0])
+    send_all(ends[0], ws[0].receive(ends[0].poll()))
+    for r in (0, 1):
+        send_all(ends[r], ws[r].declare_dead(2))
+    send_all(ends[0], commit(0))
+    assert not ws[0].ready  # holds its own part and the dead worker's; worker 1's is missing
+    send_all(ends[1], commit(1))
+    for r in (0, 1):
+        send_all(ends[r], ws[r].receive(ends[r].poll()))
+        assert ws[r].ready
+    if name == "sync":
+        expect0 = before[0] - ws[0].lr * (parts[0] + parts[1] + parts[2]) / 3
+        expect1 = before[1] - ws[1].lr * (parts[0] + parts[1]) / 2
+    else:
+        expect0 = (parts[0] + parts[1] + parts[2]) / 3
+        expect1 = (parts[0] + parts[1]) / 2
+    torch.testing.assert_close(ws[0].params, expect0, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ws[1].params, expect1, rtol=1e-5, atol=1e-6)
+
+
+def test_a_barrier_waiting_only_on_a_dead_worker_completes_when_it_is_declared_dead():
+    _, _, _, ws = _workers("sync", 3)
+    _lockstep(ws, 2)
+    net = InProcessNetwork(3, coalesce=False)
+    ends = [net.endpoint(r) for r in range(3)]
+    for r in (0, 1):
+        send_all(ends[r], ws[r].commit(ws[r].compute()))
+    for r in (0, 1):
+        send_all(ends[r], ws[r].receive(ends[r].poll()))
+        assert not ws[r].ready  # waiting for worker 2's step
+    for r in (0, 1):
+        send_all(ends[r], ws[r].declare_dead(2))
+        assert ws[r].ready
+    torch.testing.assert_close(ws[0].params, ws[1].params)
+
+
 def test_ps_asgd_with_one_worker_is_sequential_sgd():
     spec, task, resolved, ws = _workers("ps-asgd", 2)
     assert not ws[0].computes and ws[1].computes

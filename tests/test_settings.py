@@ -87,6 +87,10 @@ def _capture(monkeypatch: pytest.MonkeyPatch, folder: Path) -> None:
     def compare(plan: Any, *_, **__) -> None:
         write(plan.runs[0].spec, folder)
 
+    # The commands check the secret variable and create their run directory (runs/<task>-<time> by default)
+    # before they run: give them both here, not in the working tree.
+    monkeypatch.setenv("MY_SECRET", "not-a-real-secret")
+    monkeypatch.chdir(folder)
     monkeypatch.setattr("dasgd.runs.launcher.launch_local", write)
     monkeypatch.setattr("dasgd.runs.simulate.simulate", write)
     monkeypatch.setattr("dasgd.runs.compare.run_comparison", compare)

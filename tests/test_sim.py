@@ -340,3 +340,113 @@ def test_a_bundle_that_fails_a_check_goes_one_message_at_a_time():
     w.receive([bundle(parts)])
     assert w.rejected["duplicate"] == 2
     torch.testing.assert_close(w.params, before - 2 * w.lr * g)
+
+
+@pytest.mark.parametrize("algorithm", ["sync", "local-sgd", "ps-asgd"])
+def test_a_crash_does_not_stall_the_algorithms_that_wait_on_peers(tmp_path, algorithm):
+    """A barrier (sync, local-sgd) or a client waiting for the server's reply (ps-asgd) notices the death when
+    the dead worker's links close, as in a real run, and goes on over the live workers; before, the survivors
+    waited forever while evaluations kept coming (the run never ended)."""
+    spec = quad_spec(
+        workers=4, algorithm=algorithm, max_gradients=400, simulation={"crashes": ["2@0.05"], "latency": 0.01}
+    )
+    s = simulate(spec, tmp_path / "c")
+    assert s["dead_workers"] == [2]
+    assert s["drained"]
+    reasons = set(s["stop_reason"].split(","))
+    assert "max_gradients" in reasons and reasons <= {"max_gradients", "stop_requested"}, reasons
+    computing = [w for w in s["per_worker"] if w["rank"] != 0] if algorithm == "ps-asgd" else s["per_worker"]
+    assert all(w["computed"] > 50 for w in computing)  # the survivors trained past the crash
+
+
+def test_a_dead_parameter_server_stops_its_clients_and_says_why(tmp_path):
+    spec = quad_spec(
+        workers=4, algorithm="ps-asgd", max_gradients=400, simulation={"crashes": ["0@0.05"], "latency": 0.01}
+    )
+    s = simulate(spec, tmp_path / "c")
+    assert s["dead_workers"] == [0]
+    assert s["stop_reason"] == "server_died"
+    assert s["drained"]
+    assert s["gradients_computed"] < 100
+
+
+def test_the_lowest_live_rank_takes_over_evaluation_and_the_accuracy_stop(tmp_path):
+    """Worker 0 dies; worker 1 evaluates from then on, so a run whose only stop rule is the target stops."""
+    spec = quad_spec(
+        workers=4,
+        max_gradients=None,
+        target_loss=None,
+        eval_every=0.05,
+        simulation={"crashes": ["0@0.05"], "latency": 0.01},
+    )
+    engine, out = run_engine(dataclasses.replace(spec, max_seconds=3.0))
+    evaluators = [int(ev["worker"]) for ev in out.evals]
+    assert evaluators[0] == 0 and evaluators[-1] == 1 and sorted(set(evaluators)) == [0, 1]
+    assert evaluators == sorted(evaluators)  # once worker 1 took over, worker 0 never comes back
+    assert [ev["time"] for ev in out.evals] == sorted(ev["time"] for ev in out.evals)
+
+
+def test_a_run_whose_workers_wait_on_each_other_forever_stops_as_stalled():
+    """An algorithm that never lets its workers compute again: in virtual time nothing more would ever happen
+    but evaluations; the engine stops the waiting workers with reason "stalled" instead of looping forever."""
+
+    class WaitsForever(DASGD):
+        name = "waits-forever"
+        faithful = False
+
+        def ready(self):
+            return self.worker.computed < 3
+
+    spec = quad_spec(workers=3, max_gradients=60)
+    task = build_task(spec)
+    resolved = resolve(spec)
+    samplers = [build_sampler(spec, r, task, resolved) for r in range(3)]
+    workers = []
+    for r in range(3):
+        w = build_worker(spec, r, task, resolved, send_clock=False, sampler=samplers[r])
+        w.algorithm = WaitsForever()
+        w.algorithm.bind(w)
+        workers.append(w)
+    out = Simulation(
+        workers,
+        samplers,
+        task,
+        compute_model(spec),
+        network_model(spec),
+        FailurePlan(),
+        StopPolicy(max_gradients=60, eval_every=0.01),
+        seed=0,
+    ).run()
+    assert out.stop_reason == ["stalled"] * 3
+    assert all(out.drained)
+    assert [w.computed for w in workers] == [3, 3, 3]
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "words"),
+    [
+        ("t.jsonl", b"\xff\xfe\x00binary", "not a text file"),
+        ("t.jsonl", b'{"type": "gradient", "origin": 0}\n', "without a valid origin"),
+        (
+            "t.jsonl",
+            b'{"type": "gradient", "origin": "x", "index": 0, "start": 0, "end": 1, "clock": [0]}\n',
+            "without a valid origin",
+        ),
+        (
+            "t.jsonl",
+            b'{"type": "gradient", "origin": 0, "index": 0, "start": 0, "end": 1, "clock": 5}\n',
+            "without a valid origin",
+        ),
+        ("t.txt", b"0.1\nnan\n", "not a finite number"),
+        ("t.txt", b"0.1\ninf\n", "not a finite number"),
+    ],
+)
+def test_a_bad_trace_file_is_refused_by_name(tmp_path, name, content, words):
+    from dasgd.sim.models import ModelError, read_step_trace
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ModelError, match=words):
+        read_step_trace(path)
+    with pytest.raises(ModelError, match="not a regular file"):
+        read_step_trace(tmp_path)

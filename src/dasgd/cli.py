@@ -21,6 +21,7 @@ from dasgd.cli_common import (
     check_trace,
     default_run_dir,
     plain,
+    prepare_output_dir,
     progress_printer,
     simulation_overrides,
     simulation_progress,
@@ -90,7 +91,7 @@ def _train(args: argparse.Namespace) -> int:
         return _train_as_torchrun_rank(args, spec)
     import dataclasses
 
-    from dasgd.runs.build import build_task, resolve
+    from dasgd.runs.build import build_task, resolve, secret_key
     from dasgd.runs.launcher import launch_local
     from dasgd.runs.report import format_summary
 
@@ -98,6 +99,8 @@ def _train(args: argparse.Namespace) -> int:
     spec = dataclasses.replace(spec, run_dir=str(run_dir))
     resolve(spec)  # topology errors surface here, before any process starts
     build_task(spec)  # a missing dataset is reported here, with its install command
+    secret_key(spec)  # so is an unset --secret-env variable, before any worker starts
+    prepare_output_dir(args, run_dir)  # an earlier run there is refused (or cleared: --overwrite)
     update, close = progress_printer(spec, not args.no_progress and sys.stderr.isatty())
     try:
         summary = launch_local(spec, run_dir, on_progress=update)
@@ -138,24 +141,37 @@ def health_problems(summary: RunSummary) -> list[str]:
         problems.append(
             f"worker(s) {', '.join(map(str, flagged))} sent NaN or infinite values, which were refused"
         )
-    if "diverged" in summary.stop_reason.split(","):
+    reasons = summary.stop_reason.split(",")
+    if "diverged" in reasons:
         problems.append("a replica diverged (its gradient held a NaN or an infinity): lower --lr")
+    if "server_died" in reasons or "no_clients" in reasons:
+        problems.append(
+            "the run stopped early: the parameter server or all of its clients died, and ps-asgd cannot go on "
+            "without them (dasgd, gossip and the synchronous baselines go on over the live workers)"
+        )
+    if "stalled" in reasons:
+        problems.append(
+            "the run stalled: the workers still training waited on peers that could never send again, so they "
+            "were stopped (a plug-in algorithm that waits on a stopped or dead worker?)"
+        )
     return problems
 
 
 def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:
     import dataclasses
 
+    from dasgd.runs.build import secret_key
     from dasgd.runs.entry import run_process
     from dasgd.runs.report import format_summary
 
+    secret_key(spec)  # an unset --secret-env variable: exit 2 here rather than inside the worker
     world = int(os.environ["WORLD_SIZE"])
     if args.workers is None and spec.workers != world:
         spec = dataclasses.replace(spec, workers=world)
     run_dir = Path(spec.run_dir) if spec.run_dir else Path("runs") / f"{spec.task}-torchrun"
     spec = dataclasses.replace(spec, run_dir=str(run_dir))
     if int(os.environ["RANK"]) == 0:
-        run_dir.mkdir(parents=True, exist_ok=True)
+        prepare_output_dir(args, run_dir)  # the other ranks wait for rank 0 at the rendezvous
         (run_dir / "spec.yaml").write_text(spec.to_yaml())
     summary = run_process(spec, run_dir)
     if summary is not None:
@@ -211,6 +227,7 @@ def _simulate_one(args: argparse.Namespace) -> int:
     run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(f"sim-{spec.task}")
     spec = dataclasses.replace(spec, run_dir=str(run_dir))
     check_trace(spec)
+    prepare_output_dir(args, run_dir)  # an earlier run there is refused (or cleared: --overwrite)
     update, close = simulation_progress(spec, not args.no_progress and sys.stderr.isatty())
     summary: RunSummary | None = None
     try:
@@ -298,6 +315,7 @@ def _sweep(args: argparse.Namespace) -> int:
         if point.spec.task not in checked:
             build_task(point.spec)  # a missing dataset is reported here, with its install command
             checked.add(point.spec.task)
+    prepare_output_dir(args, run_dir, kind="sweep")  # resumed if it is this sweep's; --overwrite: afresh
     for note in plan.notes:
         print(f"dasgd: note: {note}", file=sys.stderr)
     bar = None
@@ -340,16 +358,17 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
-    from dasgd.runs.results import render_run_dir
+    from dasgd.runs.report import ReportError, rebuild_run_dir
 
     run_dir = Path(args.run_dir)
-    if not (run_dir / "events.jsonl").is_file():
-        print(
-            f"dasgd: error: {run_dir} has no events.jsonl; give a run directory written by `dasgd train`",
-            file=sys.stderr,
-        )
+    try:
+        rebuild_run_dir(run_dir)  # all or nothing: a bad events.jsonl leaves the old outputs in place
+    except ReportError as exc:
+        print(f"dasgd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
-    render_run_dir(run_dir)
+    except OSError as exc:  # a full disk, say: the earlier outputs are back in place
+        print(f"dasgd: report failed: {exc}; the earlier outputs were put back", file=sys.stderr)
+        return EXIT_FAILED
     print(f"rebuilt {run_dir / 'report.md'}, {run_dir / 'metrics.csv'} and {run_dir / 'plots'}")
     return EXIT_OK
 

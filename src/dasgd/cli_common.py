@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as _dt
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ __all__ = [
     "check_trace",
     "default_run_dir",
     "plain",
+    "prepare_output_dir",
     "progress_printer",
     "simulation_overrides",
     "simulation_progress",
@@ -36,6 +38,12 @@ def add_spec_flags(p: argparse.ArgumentParser) -> None:
 
     p.add_argument("--spec", metavar="FILE", help="YAML spec file; flags given here override its values")
     add_flags(p, RunSpec)
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="the output directory holds an earlier run: remove its outputs first (without it such a run "
+        "directory is refused; a sweep or comparison directory is resumed)",
+    )
 
 
 def add_simulation_flags(p: argparse.ArgumentParser) -> None:
@@ -92,16 +100,39 @@ def simulation_values(args: argparse.Namespace) -> dict[str, Any]:
         section = values.get("simulation") or {}
         if not isinstance(section, dict):
             raise SpecError("simulation", "must be a mapping of simulation keys")
+        from dasgd.metrics.eventlog import EventLogError
+
         try:
             values = {**values, "simulation": {**section, **calibration(args.calibrate)}}
-        except ModelError as exc:
+        except (ModelError, EventLogError) as exc:
             raise SpecError("--calibrate", str(exc)) from None
+        except UnicodeDecodeError:
+            raise SpecError(
+                "--calibrate", f"{args.calibrate}/events.jsonl is not UTF-8 text; give a `dasgd train` run"
+            ) from None
+        except OSError as exc:
+            raise SpecError("--calibrate", f"cannot read {args.calibrate}: {exc.strerror or exc}") from None
     return values
 
 
 def default_run_dir(task: str) -> Path:
+    """A new directory ``runs/<task>-<time>`` (``-2``, ``-3``, ... added when one started in the same second)."""
     stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return Path("runs") / f"{task}-{stamp}"
+    base = Path("runs") / f"{task}-{stamp}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
+
+
+def prepare_output_dir(args: argparse.Namespace, path: Path, kind: str = "run") -> Path:
+    """Check, clear (``--overwrite``) and create the output directory before anything runs (bad: SpecError)."""
+    from dasgd.runs import rundir
+
+    kinds = {"run": rundir.RUN, "compare": rundir.COMPARE, "sweep": rundir.SWEEP}
+    flag = "--out" if kind == "compare" and getattr(args, "out", None) is not None else "--run-dir"
+    return rundir.prepare_run_dir(path, overwrite=bool(args.overwrite), kind=kinds[kind], flag=flag)
 
 
 def progress_printer(spec: Any, enabled: bool):
@@ -187,9 +218,44 @@ def plain(obj: Any) -> Any:
 
 
 def check_trace(spec: Any) -> None:
-    """A missing trace file is bad input: say so before anything runs, naming the flag."""
-    from dasgd.experiments.spec import SpecError
+    """A trace file that cannot be replayed is bad input: say so before anything runs, naming the flag.
 
+    The file is read here once (a sweep checks every point: the result is kept per file and version).
+    """
     sim = spec.simulation
-    if sim.compute == "trace" and sim.trace is not None and not Path(sim.trace).is_file():
-        raise SpecError("--trace", f"{sim.trace!r} does not exist; give a run's events.jsonl or a text file")
+    if sim.compute != "trace" or sim.trace is None:
+        return
+    p = Path(sim.trace)
+    try:
+        stat = p.stat()
+        version = (stat.st_mtime_ns, stat.st_size)
+    except OSError:
+        version = None
+    _check_trace_file(str(p), version)
+
+
+@functools.lru_cache(maxsize=8)
+def _check_trace_file(path: str, version: tuple[int, int] | None) -> None:
+    import math
+
+    from dasgd.experiments.spec import SpecError, file_problem
+    from dasgd.sim.models import ModelError, read_step_trace
+
+    what = "a run's events.jsonl or a text file of step times (seconds, one per line)"
+    problem = file_problem(path)
+    if problem is not None:
+        raise SpecError("--trace", f"{path!r} {problem}; give {what}")
+    try:
+        traces = read_step_trace(path)
+    except UnicodeDecodeError:
+        raise SpecError("--trace", f"{path!r} is not UTF-8 text (a binary file?); give {what}") from None
+    except ModelError as exc:
+        raise SpecError("--trace", f"{exc}; give {what}") from None
+    except OSError as exc:
+        raise SpecError("--trace", f"cannot read {path!r}: {(exc.strerror or str(exc)).lower()}") from None
+    except (KeyError, TypeError, ValueError, IndexError, OverflowError) as exc:
+        raise SpecError(
+            "--trace", f"{path!r}: a gradient event has a missing or malformed field ({exc!r}); give {what}"
+        ) from None
+    if not all(math.isfinite(v) for trace in traces for v in trace):
+        raise SpecError("--trace", f"{path!r} holds a step time that is not a finite number; give {what}")

@@ -26,6 +26,7 @@ from dasgd.cli_common import (
     check_trace,
     default_run_dir,
     plain,
+    prepare_output_dir,
     progress_printer,
     simulation_overrides,
     simulation_progress,
@@ -205,6 +206,12 @@ def _compare(args: argparse.Namespace) -> int:
     if args.simulate:
         check_trace(plan.base)
     build_task(plan.base)  # a missing dataset is reported here, before any run starts
+    if not plan.simulate:
+        from dasgd.runs.build import secret_key
+
+        secret_key(plan.base)  # an unset --secret-env variable: exit 2 now, not one failed run per algorithm
+    # A comparison directory is resumed; --overwrite starts it afresh; anything else non-empty is refused.
+    prepare_output_dir(args, out_dir, kind="compare")
     show = not args.no_progress and sys.stderr.isatty()
     mode = "simulated" if plan.simulate else "real"
 

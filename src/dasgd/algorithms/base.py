@@ -158,6 +158,19 @@ class Algorithm:
         """Whether the worker may start its next gradient now (False while it waits on a peer)."""
         return True
 
+    def on_peer_dead(self, origin: int) -> list[Effect]:
+        """Worker ``origin`` was declared dead (it is in ``worker.dead`` now): an algorithm that waits on every
+        live worker looks again, since what it waited for may be complete without the dead one."""
+        return []
+
+    def stranded(self) -> str:
+        """Why this worker can never make progress again (a peer it depends on died), or "" while it can.
+
+        A non-empty answer stops the worker with that stop reason, instead of leaving it waiting for the time
+        budget (or forever, in virtual time). The default: an algorithm that depends on no one peer.
+        """
+        return ""
+
     def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
         """The worker's own gradient number ``index`` is complete: apply it and/or send it."""
         raise NotImplementedError
@@ -185,31 +198,41 @@ class Algorithm:
 
 
 class KeyedSums:
-    """Running sums of vectors by key (a step or a round), each with how many were added.
+    """Running sums of vectors by key (a step or a round), each with the origins that contributed.
 
-    What the synchronous baselines collect until every worker's contribution to a step is in.
+    What the synchronous baselines collect until every live worker's contribution to a step is in. A step is
+    complete when it holds the part of every live worker, never merely as many parts as there are live
+    workers: a dead worker's part that arrived before its death must not stand in for a live worker's.
     """
 
     def __init__(self) -> None:
         self._sums: dict[int, torch.Tensor] = {}
-        self._counts: dict[int, int] = {}
+        self._origins: dict[int, set[int]] = {}
 
-    def add(self, key: int, vector: torch.Tensor) -> None:
-        """Add ``vector`` to the sum of ``key`` (copied: callers' tensors are never changed)."""
+    def add(self, key: int, vector: torch.Tensor, origin: int) -> bool:
+        """Add ``origin``'s ``vector`` to the sum of ``key`` (copied: callers' tensors are never changed).
+        False, and nothing added, if ``origin`` already contributed to ``key``."""
+        origins = self._origins.setdefault(key, set())
+        if origin in origins:
+            return False
+        origins.add(origin)
         if key in self._sums:
             self._sums[key].add_(vector)
-            self._counts[key] += 1
         else:
             self._sums[key] = vector.detach().clone()
-            self._counts[key] = 1
+        return True
 
     def count(self, key: int) -> int:
         """How many vectors the sum of ``key`` holds (0 if none)."""
-        return self._counts.get(key, 0)
+        return len(self._origins.get(key, ()))
+
+    def holds_all(self, key: int, origins: set[int]) -> bool:
+        """Whether every one of ``origins`` contributed to ``key``."""
+        return origins <= self._origins.get(key, set())
 
     def pop(self, key: int) -> tuple[torch.Tensor, int]:
         """Remove and return the sum of ``key`` and its count."""
-        return self._sums.pop(key), self._counts.pop(key)
+        return self._sums.pop(key), len(self._origins.pop(key))
 
     def keys(self) -> list[int]:
         """The keys held, in increasing order."""

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dasgd.algorithms.base import Algorithm, AlgorithmError, KeyedSums
-from dasgd.algorithms.effects import Effect, MergeClock, SetModel, ShareModel, Step
+from dasgd.algorithms.effects import Effect, MergeClock, Reject, SetModel, ShareModel, Step
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
@@ -60,24 +60,31 @@ class LocalSGD(Algorithm):
 
     def on_model_shared(self, msg: Message) -> list[Effect]:
         assert msg.payload is not None
-        self._models.add(msg.lo, msg.payload)
+        self._models.add(msg.lo, msg.payload, self.worker.rank)
         return self._advance()
 
     def on_model(self, msg: Message) -> list[Effect]:
         assert msg.payload is not None  # checked by the worker
-        self._models.add(msg.lo, msg.payload)
+        if msg.lo < self._rounds or not self._models.add(msg.lo, msg.payload, msg.origin):
+            # A round already averaged, or a second model from one origin for a round: refused and counted.
+            return [Reject("late_round" if msg.lo < self._rounds else "duplicate_round")]
         return [MergeClock(msg.clock), *self._advance()]
 
     def complete(self) -> bool:
         return self.worker.stopped
 
+    def on_peer_dead(self, origin: int) -> list[Effect]:
+        return self._advance()  # the step may now hold every live worker's part
+
     def _advance(self) -> list[Effect]:
         """The average of every round now complete, in round order."""
         w = self.worker
-        live = w.world_size - len(w.dead)
+        live = set(range(w.world_size)) - w.dead
         averages: list[Effect] = []
-        while self._models.count(self._rounds) >= live:
-            total, _ = self._models.pop(self._rounds)
-            averages.append(SetModel(total.div_(live)))
+        while self._models.holds_all(self._rounds, live):
+            # Divide by the models actually summed: a dead worker's model for this round may have arrived
+            # before it died (then there are live + 1 of them).
+            total, count = self._models.pop(self._rounds)
+            averages.append(SetModel(total.div_(count)))
             self._rounds += 1
         return averages

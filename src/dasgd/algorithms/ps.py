@@ -55,6 +55,14 @@ class ParameterServerASGD(Algorithm):
     def ready(self) -> bool:
         return not self.is_server and not self._awaiting
 
+    def stranded(self) -> str:
+        dead = self.worker.dead
+        if self.is_server:
+            # Every client died: no gradient will ever come, and the server computes none itself.
+            return "no_clients" if len(dead) == self.worker.world_size - 1 else ""
+        # The model lives on the server alone: without it a client has nothing to pull or push to.
+        return "server_died" if SERVER in dead else ""
+
     def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
         self._awaiting = True  # the own gradient is applied by the server; its reply brings it back
         return [PushGradient(index, gradient, peers=(SERVER,))]

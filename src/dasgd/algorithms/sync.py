@@ -4,7 +4,7 @@
                  x <- x - eta * (1/n) sum_i g_i          (the same on every replica)
 
 Built from the same parts as DASGD: each worker pushes its step-k gradient (gradient id k) to every peer and
-waits until it holds step k of every live worker; then it applies their mean. Waiting is the barrier that
+waits until it holds step k of every live worker; then it applies the mean of the parts it holds. Waiting is the barrier that
 makes this the baseline: a straggler stalls everyone. The transports must not sum two steps of one origin
 into one message here (``coalesce_gradients = False``), so every message is exactly one step.
 """
@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING
 
 from dasgd.algorithms.base import Algorithm, KeyedSums
-from dasgd.algorithms.effects import Effect, PushGradient, Step
+from dasgd.algorithms.effects import Effect, PushGradient, Reject, Step
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
@@ -46,7 +46,7 @@ class SynchronousSGD(Algorithm):
         return self._applied_steps >= self.worker.computed
 
     def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
-        self._steps.add(index, gradient.grad)
+        self._steps.add(index, gradient.grad, self.worker.rank)
         return [PushGradient(index, gradient), *self._advance()]
 
     def on_gradient(self, msg: Message) -> list[Effect]:
@@ -54,7 +54,10 @@ class SynchronousSGD(Algorithm):
         if msg.count != 1:
             # Peers never merge steps here; a merged message can only come from a misconfigured peer.
             self.counts["merged_steps"] = self.counts.get("merged_steps", 0) + msg.count
-        self._steps.add(msg.lo, msg.payload)
+        if msg.lo < self._applied_steps or not self._steps.add(msg.lo, msg.payload, msg.origin):
+            # A step already averaged (every live worker's part was in), or a second part from one origin:
+            # adding it would change no replica consistently, so it is refused and counted.
+            return [Reject("late_step" if msg.lo < self._applied_steps else "duplicate_step")]
         return self._advance()
 
     def on_complete(self) -> list[Effect]:
@@ -66,12 +69,15 @@ class SynchronousSGD(Algorithm):
             steps.append(Step(total, self.worker.lr / count))
         return steps
 
+    def on_peer_dead(self, origin: int) -> list[Effect]:
+        return self._advance()  # the step may now hold every live worker's part
+
     def _advance(self) -> list[Effect]:
         """The mean of every step now complete, in step order."""
         w = self.worker
-        live = w.world_size - len(w.dead)
+        live = set(range(w.world_size)) - w.dead
         steps: list[Effect] = []
-        while self._steps.count(self._applied_steps) >= live:
+        while self._steps.holds_all(self._applied_steps, live):
             total, count = self._steps.pop(self._applied_steps)
             # Average, as DDP does: divide the summed step by the number of contributions (the live workers',
             # plus a dead worker's if its gradient for this step arrived before it died).

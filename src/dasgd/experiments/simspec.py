@@ -21,9 +21,22 @@ LOSS_MODES = ("retransmit", "count")
 
 
 def _error(key: str, message: str) -> Exception:
+    from dasgd.experiments.settings import flag_of
     from dasgd.experiments.spec import SpecError, flag_name
 
-    return SpecError(flag_name(key), message)
+    sim_fields = {f.name for f in dataclasses.fields(SimSpec)}
+    return SpecError(flag_of(SimSpec, key) if key in sim_fields else flag_name(key), message)
+
+
+def _number(text: str, key: str, whole: str, hint: str) -> float:
+    """A finite float from the regex group ``text`` of ``whole``, or a SpecError."""
+    try:
+        out = float(text)
+    except ValueError:
+        out = math.nan
+    if not math.isfinite(out):
+        raise _error(key, f"{whole!r}: {text!r} is not a finite number; {hint}")
+    return out
 
 
 @dataclass(frozen=True)
@@ -77,8 +90,8 @@ def parse_crash(text: Any) -> tuple[int, float]:
         text = f"{text[0]}@{text[1]}"
     m = _CRASH.match(str(text))
     if not m:
-        raise _error("crash", f"{text!r} is not WORKER@TIME; write e.g. 3@1.5")
-    return int(m.group(1)), float(m.group(2))
+        raise _error("crash", f"{str(text)[:60]!r} is not WORKER@TIME; write e.g. 3@1.5")
+    return int(m.group(1)), _number(m.group(2), "crash", str(text), "write e.g. 3@1.5")
 
 
 def parse_link_down(text: Any) -> tuple[int, int, float, float]:
@@ -87,8 +100,10 @@ def parse_link_down(text: Any) -> tuple[int, int, float, float]:
         text = f"{text[0]}-{text[1]}@{text[2]}-{text[3]}"
     m = _LINK_DOWN.match(str(text))
     if not m:
-        raise _error("link_down", f"{text!r} is not A-B@START-END; write e.g. 0-1@2-3.5")
-    a, b, s, e = int(m.group(1)), int(m.group(2)), float(m.group(3)), float(m.group(4))
+        raise _error("link_down", f"{str(text)[:60]!r} is not A-B@START-END; write e.g. 0-1@2-3.5")
+    hint = "write e.g. 0-1@2-3.5"
+    a, b = int(m.group(1)), int(m.group(2))
+    s, e = (_number(m.group(i), "link_down", str(text), hint) for i in (3, 4))
     if not e > s >= 0:
         raise _error("link_down", f"{text!r}: need 0 <= START < END")
     return a, b, s, e
@@ -102,27 +117,33 @@ def parse_link(value: Any) -> tuple[int, int, float, float]:
     try:
         src, dst, lat, bw = value
         out = (int(src), int(dst), float(lat), float(bw) if bw not in (None, "inf") else math.inf)
-    except (TypeError, ValueError):
-        raise _error("links", f"{value!r}: give SRC-DST:LATENCY:BANDWIDTH, e.g. 0-1:0.01:1e8") from None
-    if out[2] < 0 or not out[3] > 0:
+    except (TypeError, ValueError, OverflowError):
+        raise _error(
+            "links", f"{str(value)[:60]!r}: give SRC-DST:LATENCY:BANDWIDTH, e.g. 0-1:0.01:1e8"
+        ) from None
+    if not math.isfinite(out[2]) or out[2] < 0 or not out[3] > 0:
         raise _error("links", f"{value!r}: latency must be >= 0 and bandwidth > 0")
     return out
 
 
-def _num(key: str, value: Any, kind=float) -> Any:
+def _num(key: str, value: Any, kind=float, allow_inf: bool = False) -> Any:
+    """``value`` as a number; NaN and (unless ``allow_inf``) infinity are refused."""
     try:
         if isinstance(value, bool):
             raise ValueError
         out = kind(value)
-        if kind is float and math.isnan(out):
+        if kind is float and (math.isnan(out) or (math.isinf(out) and not allow_inf)):
             raise ValueError
         return out
-    except (TypeError, ValueError):
-        raise _error(key, f"{value!r} is not a valid {kind.__name__}") from None
+    except (TypeError, ValueError, OverflowError):
+        shown = repr(value) if len(repr(value)) <= 60 else repr(value)[:57] + "..."
+        raise _error(key, f"{shown} is not a valid {kind.__name__}") from None
 
 
 def resolve_sim_spec(values: dict[str, Any] | None, workers: int) -> SimSpec:
     """Validate the simulation mapping for a run of ``workers`` workers."""
+    from dasgd.experiments.spec import MAX_SLOWDOWN
+
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(SimSpec)}
     unknown = sorted(set(values) - known)
@@ -145,10 +166,12 @@ def resolve_sim_spec(values: dict[str, Any] | None, workers: int) -> SimSpec:
                 parse_link_down(v) for v in (value if isinstance(value, (list, tuple)) else [value])
             )
         elif key == "links":
+            if not isinstance(value, (list, tuple)):
+                raise _error(key, "give a list of [SRC, DST, LATENCY, BANDWIDTH] entries")
             kw[key] = tuple(parse_link(v) for v in value)
         elif key == "bandwidth":
             # None is how spec.yaml writes "unlimited"; 0 is refused below (it is not "no limit").
-            kw[key] = math.inf if value in ("inf", None) else _num(key, value)
+            kw[key] = math.inf if value in ("inf", None) else _num(key, value, allow_inf=True)
         else:
             kw[key] = _num(key, value)
     spec = SimSpec(**kw)
@@ -162,7 +185,11 @@ def resolve_sim_spec(values: dict[str, Any] | None, workers: int) -> SimSpec:
     need(spec.compute_time > 0, "compute_time", "must be positive (seconds per gradient)")
     need(spec.compute_sigma >= 0, "compute_sigma", "must be non-negative")
     need(0 <= spec.straggler_share <= 1, "straggler_share", "must be a fraction in [0, 1]")
-    need(spec.slowdown >= 1, "slowdown", "must be >= 1")
+    need(
+        1 <= spec.slowdown <= MAX_SLOWDOWN,
+        "slowdown",
+        f"must be >= 1 and at most {MAX_SLOWDOWN:g}, got {spec.slowdown:g}",
+    )
     need(spec.latency >= 0, "latency", "must be non-negative (seconds)")
     need(spec.latency_sigma >= 0, "latency_sigma", "must be non-negative")
     need(spec.bandwidth > 0, "bandwidth", "must be positive (bytes per second), or inf")

@@ -30,12 +30,22 @@ class SpecError(ValueError):
     """A spec value is invalid. ``flag`` is the CLI flag (or YAML key) at fault."""
 
     def __init__(self, flag: str, message: str) -> None:
-        super().__init__(f"{flag}: {message}")
+        # One line, whatever the user typed: a key or path with a line break or a control character in it is
+        # shown escaped, as repr() would.
+        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in f"{flag}: {message}")
+        super().__init__(text)
         self.flag = flag
 
 
 MAX_SLOWDOWN = 1e6
 """The largest straggler factor: beyond it a worker's waits overflow a sleep, and it computes nothing anyway."""
+MAX_BATCH_SIZE = 100_000
+"""The largest mini-batch: one batch is held in memory at once (100,000 MNIST images are 300 MB)."""
+MAX_DIM = 10_000_000
+"""The quadratic's largest dimension: every replica holds ``dim`` float64 values (80 MB at the bound)."""
+MAX_NOISE_VALUES = 100_000_000
+"""The quadratic draws a (batch size x dim) float64 noise matrix per gradient: at most this many (800 MB)."""
+
 
 def flag_name(key: str) -> str:
     """The CLI flag for a spec field: ``max_gradients`` -> ``--max-gradients``; a run setting whose flag
@@ -150,8 +160,8 @@ class RunSpec:
 _STRAGGLER = re.compile(r"^\s*(\d+)\s*[xX:]\s*([0-9.eE+-]+)\s*$")
 
 
-
 _RUN_FIELDS = frozenset(f.name for f in fields(RunSpec))
+
 
 def parse_straggler(text: str) -> tuple[int, float]:
     """Parse "RANKxFACTOR" (e.g. "1x5": worker 1 five times slower)."""
@@ -167,15 +177,47 @@ def parse_straggler(text: str) -> tuple[int, float]:
     return int(m.group(1)), factor
 
 
+def file_problem(path: str | Path) -> str | None:
+    """Why ``path`` cannot be read as an input file ("does not exist", "is a directory", ...), or None."""
+    p = Path(path)
+    if p.is_dir():
+        return "is a directory, not a file"
+    if p.exists() and not p.is_file():
+        return "is not a regular file (a device, pipe or socket)"
+    if not p.exists():
+        return "does not exist"
+    return None
+
+
+def read_text_file(path: str | Path, flag: str, what: str) -> str:
+    """The UTF-8 text of the input file ``path``; a SpecError naming ``flag`` says why it cannot be read.
+
+    ``what`` says what the file should be, for the message (e.g. "the path of a YAML file").
+    """
+    p = Path(path)
+    problem = file_problem(p)
+    if problem is not None:
+        raise SpecError(flag, f"{str(p)!r} {problem}; give {what}")
+    try:
+        return p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise SpecError(flag, f"{str(p)!r} is not UTF-8 text (a binary file?); give {what}") from None
+    except OSError as exc:
+        raise SpecError(flag, f"cannot read {str(p)!r}: {(exc.strerror or str(exc)).lower()}") from None
+
+
 def load_spec_file(path: str | Path) -> dict[str, Any]:
     """Read a YAML spec file into plain values (validated later by resolve_spec)."""
     p = Path(path)
-    if not p.is_file():
+    if file_problem(p) == "does not exist":
         raise SpecError("SPEC", f"spec file {str(p)!r} does not exist; pass the path of a YAML file")
+    text = read_text_file(p, "SPEC", "the path of a YAML spec file")
     try:
-        data = yaml.safe_load(p.read_text())
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
-        raise SpecError("SPEC", f"{p} is not valid YAML: {exc}") from None
+        raise SpecError("SPEC", f"{p} is not valid YAML: {' '.join(str(exc).split())}") from None
+    except RecursionError:
+        raise SpecError("SPEC", f"{p} is nested too deeply to be a spec file") from None
     if data is None:
         return {}
     if not isinstance(data, dict):
@@ -209,9 +251,25 @@ def _coerce(name: str, value: Any, kind: str) -> Any:
             if not isinstance(value, (str, int, float)) or isinstance(value, bool):
                 raise ValueError
             return str(value)
-    except (TypeError, ValueError):
-        raise SpecError(flag, f"{value!r} is not a valid {kind}") from None
+    except (TypeError, ValueError, OverflowError):
+        raise SpecError(flag, f"{_short(value)} is not a valid {kind}") from None
     raise AssertionError(kind)
+
+
+def _short(value: Any) -> str:
+    """``repr(value)``, cut to fit in a one-line message."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _mapping(value: Any, flag: str, what: str) -> dict[str, Any]:
+    """``value`` as a dict with string keys, or a SpecError naming ``flag``."""
+    if not isinstance(value, dict):
+        raise SpecError(flag, f"must be a mapping of {what}, got {type(value).__name__} {_short(value)}")
+    bad = [k for k in value if not isinstance(k, str)]
+    if bad:
+        raise SpecError(flag, f"the key {_short(bad[0])} is not a name; give {what} by name")
+    return dict(value)
 
 
 def resolve_spec(
@@ -226,11 +284,14 @@ def resolve_spec(
     from dasgd.algorithms import ALGORITHMS
     from dasgd.tasks import TASK_NAMES, task_entry
 
-    merged: dict[str, Any] = dict(values or {})
-    sim_values = dict(merged.pop("simulation", None) or {})
-    if not isinstance(sim_values, dict):
-        raise SpecError("simulation", "must be a mapping of simulation keys")
-    sim_values.update({k: v for k, v in (overrides.pop("simulation", None) or {}).items() if v is not None})
+    merged = _mapping({} if values is None else values, "SPEC", "spec keys")
+    sim_given = merged.pop("simulation", None)
+    sim_values = _mapping({} if sim_given is None else sim_given, "simulation", "simulation keys")
+    sim_overrides = overrides.pop("simulation", None)
+    sim_overrides = _mapping({} if sim_overrides is None else sim_overrides, "simulation", "simulation keys")
+    sim_values.update({k: v for k, v in sim_overrides.items() if v is not None})
+    # A null value in a spec file means "not given" (the default), as an omitted flag does.
+    merged = {k: v for k, v in merged.items() if v is not None}
     merged.update({k: v for k, v in overrides.items() if v is not None})
     known = {f.name for f in fields(RunSpec)}
     unknown = sorted(set(merged) - known)
@@ -262,13 +323,17 @@ def _stragglers(value: Any) -> tuple[tuple[int, float], ...]:
             items.append(parse_straggler(f"{r}x{f}"))
     elif isinstance(value, (list, tuple)):
         for v in value:
+            if isinstance(v, (list, tuple)) and len(v) != 2:
+                raise SpecError(
+                    "--straggler", f"{_short(v)}: give [RANK, FACTOR] pairs or RANKxFACTOR strings"
+                )
             items.append(
                 parse_straggler(v) if not isinstance(v, (list, tuple)) else parse_straggler(f"{v[0]}x{v[1]}")
             )
     elif isinstance(value, str):
         items.extend(parse_straggler(v) for v in value.split(",") if v.strip())
     else:
-        raise SpecError("--straggler", f"{value!r}: give RANKxFACTOR strings, e.g. ['1x5']")
+        raise SpecError("--straggler", f"{_short(value)}: give RANKxFACTOR strings, e.g. ['1x5']")
     ranks = [r for r, _ in items]
     if len(set(ranks)) != len(ranks):
         raise SpecError("--straggler", "a worker is named twice; give each straggler once")
@@ -299,6 +364,11 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
     )
     need(spec.lr is None or spec.lr > 0, "lr", f"the stepsize must be positive, got {spec.lr}")
     need(spec.batch_size is None or spec.batch_size >= 1, "batch_size", "the batch size must be at least 1")
+    need(
+        spec.batch_size is None or spec.batch_size <= MAX_BATCH_SIZE,
+        "batch_size",
+        f"{spec.batch_size}: give at most {MAX_BATCH_SIZE} (a whole batch is held in memory at once)",
+    )
     need(spec.seed >= 0, "seed", "the seed must be a non-negative integer")
     need(spec.data in DATA_MODES, "data", f"choose one of: {', '.join(DATA_MODES)}")
     need(spec.max_gradients is None or spec.max_gradients >= 1, "max_gradients", "must be at least 1")
@@ -314,6 +384,15 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
         f"the {spec.task} task has no accuracy; stop it with --max-gradients or --max-seconds",
     )
     need(spec.eval_every is None or spec.eval_every > 0, "eval_every", "must be positive (seconds)")
+    if simulate and spec.eval_every is not None:
+        # Evaluations are events in virtual time: too many per step and a short run never ends.
+        least = spec.simulation.compute_time / 1000
+        need(
+            spec.eval_every >= least,
+            "eval_every",
+            f"{spec.eval_every:g} s: a simulation evaluates at most 1000 times per mean step time "
+            f"(--compute-time {spec.simulation.compute_time:g}); give at least {least:g}",
+        )
     need(spec.grads_per_message >= 1, "grads_per_message", "must be at least 1 (1 is the theory's setting)")
     need(
         spec.grads_per_message <= MAX_GRADIENTS_PER_MESSAGE,
@@ -328,6 +407,20 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
     )
     need(0 <= spec.cap_scale <= 1, "cap_scale", "must be in [0, 1] (0 drops gradients staler than the bound)")
     need(spec.dim >= 1, "dim", "must be at least 1")
+    need(
+        spec.dim <= MAX_DIM,
+        "dim",
+        f"{spec.dim}: give at most {MAX_DIM} (every replica holds dim float64 values: 80 MB at the bound)",
+    )
+    if spec.task == "quadratic":
+        batch = spec.batch_size if spec.batch_size is not None else task_entry(spec.task).default_batch_size
+        need(
+            batch * spec.dim <= MAX_NOISE_VALUES,
+            "dim",
+            f"batch size {batch} x dim {spec.dim} = {batch * spec.dim:.3g} noise values per gradient "
+            f"({batch * spec.dim * 8 / 1e9:.3g} GB): keep the product at most {MAX_NOISE_VALUES:.0e} "
+            "with a smaller --dim or --batch-size",
+        )
     need(spec.noise >= 0, "noise", "must be non-negative")
     need(spec.condition >= 1, "condition", "must be at least 1 (L/mu)")
     need(spec.device in DEVICES, "device", f"choose one of: {', '.join(DEVICES)}")

@@ -28,7 +28,15 @@ from dasgd.metrics.plots import PLOT_FILES
 if TYPE_CHECKING:
     from dasgd.metrics.eventlog import EventLog
 
-__all__ = ["NA", "SUMMARY_KEYS", "ReportError", "format_summary", "format_value", "write_report"]
+__all__ = [
+    "NA",
+    "SUMMARY_KEYS",
+    "ReportError",
+    "format_summary",
+    "format_value",
+    "rebuild_run_dir",
+    "write_report",
+]
 
 NA = "n/a"
 """How a missing or unusable value is shown."""
@@ -299,6 +307,69 @@ def write_report(run_dir: str | os.PathLike[str], *, log: EventLog | None = None
     out = run_dir / "report.md"
     out.write_text("\n".join(lines).rstrip("\n") + "\n", encoding="utf-8")
     return out
+
+
+REBUILT = ("metrics.csv", "report.md", "plots")
+"""What :func:`rebuild_run_dir` rewrites in a run directory."""
+
+
+def rebuild_run_dir(run_dir: str | os.PathLike[str]) -> list[Path]:
+    """Rebuild ``metrics.csv``, ``plots/`` and ``report.md`` of a run directory from ``events.jsonl`` and
+    ``summary.json`` (``dasgd report``); return those paths.
+
+    All or nothing: the inputs are read and checked before anything is written, and the old outputs are kept
+    aside until the new ones are all written (put back if writing fails), so good outputs are never replaced
+    by worse ones.
+
+    Raises:
+        ReportError: ``events.jsonl`` is missing, not UTF-8 text, not a valid event log (corrupt, truncated,
+            binary) or holds no gradient and no evaluation; ``summary.json`` exists but is not a JSON object.
+    """
+    import shutil
+    import tempfile
+
+    from dasgd.metrics.eventlog import EventLogError, read_event_log
+    from dasgd.runs.results import render_run_dir
+
+    run_dir = Path(run_dir)
+    events = run_dir / "events.jsonl"
+    kept = "the run directory was left as it was"
+    if not events.is_file():
+        raise ReportError(f"{run_dir} has no events.jsonl; give a run directory written by `dasgd train`")
+    try:
+        log = read_event_log(events)
+    except EventLogError as exc:
+        raise ReportError(f"{exc}; {kept}") from None
+    except UnicodeDecodeError:
+        raise ReportError(f"{events} is not UTF-8 text (a binary or damaged file); {kept}") from None
+    except OSError as exc:
+        raise ReportError(f"cannot read {events}: {(exc.strerror or str(exc)).lower()}; {kept}") from None
+    if log.num_gradients == 0 and not log.evals:
+        raise ReportError(f"{events} holds no gradient and no evaluation: nothing to report; {kept}")
+    _read_summary(run_dir / "summary.json")  # a damaged summary.json is refused before anything is written
+    aside = Path(tempfile.mkdtemp(prefix=".dasgd-report-", dir=run_dir))
+    try:
+        for name in REBUILT:
+            old = run_dir / name
+            if old.is_dir():
+                shutil.copytree(old, aside / name)
+            elif old.exists():
+                shutil.copy2(old, aside / name)
+        try:
+            render_run_dir(run_dir, log=log)
+        except BaseException:
+            for name in REBUILT:
+                new, old = run_dir / name, aside / name
+                if new.is_dir() and not new.is_symlink():
+                    shutil.rmtree(new, ignore_errors=True)
+                elif new.exists():
+                    new.unlink()
+                if old.exists():
+                    old.rename(new)
+            raise
+    finally:
+        shutil.rmtree(aside, ignore_errors=True)
+    return [run_dir / name for name in REBUILT]
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:

@@ -139,7 +139,8 @@ def summarize(
     applied = [int(s.final_clock.sum()) for s in shards]
 
     ref = shards[0].params.astype(np.float64)
-    diffs = [float(np.max(np.abs(s.params.astype(np.float64) - ref))) if ref.size else 0.0 for s in shards]
+    with np.errstate(invalid="ignore"):  # diverged replicas (inf - inf): the difference is NaN, never "agree"
+        diffs = [float(np.max(np.abs(s.params.astype(np.float64) - ref))) if ref.size else 0.0 for s in shards]
     scale = max(1.0, float(np.max(np.abs(ref)))) if ref.size else 1.0
     max_diff = max(diffs)
     tol = replica_tolerance(shards[0].params.dtype, total)

@@ -109,6 +109,12 @@ def simulate(spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] |
             }
         )
     live = [r for r in range(spec.workers) if not outcome.crashed[r]]
+    if not live:
+        # As a real run whose every worker died (launcher.RunFailed): there is no replica left to summarise.
+        raise RuntimeError(
+            f"every worker crashed by virtual time {outcome.end_time:.4g} s (--crash, --crash-rate): no replica "
+            "is left to summarise; crash fewer workers or lower --crash-rate"
+        )
     if spec.audit:
         for r in live:  # a crashed worker leaves only its gradients, as a killed process does
             workers[r].save_audit()

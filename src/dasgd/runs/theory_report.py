@@ -154,6 +154,8 @@ def _spec_values(run_dir: Path) -> dict[str, Any]:
         )
     try:
         values = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as exc:
+        raise TheoryReportError(f"{path} is not UTF-8 text (a binary or damaged file)") from exc
     except yaml.YAMLError as exc:
         raise TheoryReportError(f"{path} is not valid YAML ({exc}); restore it from the run") from exc
     if not isinstance(values, dict):
@@ -290,6 +292,10 @@ def analyze_run(run_dir: str | os.PathLike[str], *, seed: int = 0, log: EventLog
     if log is None:
         try:
             log = read_event_log(run / "events.jsonl")
+        except UnicodeDecodeError as exc:
+            raise TheoryReportError(
+                f"{run}/events.jsonl is not UTF-8 text (a binary or damaged file)"
+            ) from exc
         except ValueError as exc:
             raise TheoryReportError(str(exc)) from exc
     if log.num_gradients == 0:
@@ -550,6 +556,7 @@ def report_section(run_dir: str | os.PathLike[str], *, log: EventLog | None = No
     try:
         result = analyze_run(run_dir, log=log)
         plot_theory(result, Path(run_dir) / "plots" / THEORY_PLOT)
-    except (ValueError, OSError, RuntimeError) as exc:  # every input problem is a ValueError subclass
+    # Every input problem is a ValueError subclass; extreme settings (a stepsize of 1e300) overflow the bounds.
+    except (ValueError, OSError, RuntimeError, ArithmeticError) as exc:
         return ["## Theory", "", f"*Not available for this run: {exc}*", ""]
     return format_theory(result, level=2)

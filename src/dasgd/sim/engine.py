@@ -127,9 +127,9 @@ class Simulation:
             crashed=[False] * n,
         )
         self.protocols = [WorkerProtocol(w, policy, self.outcome.records, start=0.0) for w in workers]
-        # Worker 0's replica is the one evaluated: its protocol keeps the evaluations (and the stop rule on
-        # accuracy sees them); the outcome shares the list.
-        self.outcome.evals = self.protocols[0].evals
+        # The lowest live rank's replica is the one evaluated (worker 0's until it dies, as in a real run): its
+        # protocol sees the evaluation (the stop rule on accuracy), and the outcome keeps every record in order.
+        self._evaluator = 0
         self._drain_deadline = math.inf
         # Lazy drain: with bundled arrivals and nothing that can fail, a draining worker completes exactly when
         # the last message addressed to it arrives, and no message is sent after the last worker stops. So a
@@ -154,6 +154,7 @@ class Simulation:
         for a, b, start, end in self.failures.link_down:
             self.net.add_outage(a, b, start, end)
         self.events.push(0.0, EventKind.EVALUATE)
+        self._eval_pending = 1
         for w in range(n):
             self._start(w)
         while self.events:
@@ -171,10 +172,14 @@ class Simulation:
                 self._evaluate()
             elif kind == EventKind.CRASH:
                 self._crash(a)
+            elif kind == EventKind.PEER_DEAD:
+                self._peer_dead(a, b)
             if self.on_progress is not None and self.events.processed % self.progress_every == 0:
                 self.on_progress(self._progress())
             if all(s in (_DONE, _DEAD) for s in self._state):
                 break
+            if len(self.events) == self._eval_pending and any(s in _TRAINING for s in self._state):
+                self._stalled()
         out = self.outcome
         out.events_processed = self.events.processed
         out.end_time = self.clock.now()
@@ -229,6 +234,9 @@ class Simulation:
         if self._state[w] == _WAITING:
             self._state[w] = _COMPUTING
             self._waiting.discard(w)
+            # A wake-up still scheduled is stale now (the worker went on without it, e.g. it heard of a death):
+            # forget it, so the next wait schedules its own.
+            self._wake_at[w] = math.inf
         # The clock as the ledger stores it (int32): n of these are alive, 10^8 entries at 10,000 workers.
         self._snapshot[w] = worker.clock.astype(CLOCK_DTYPE)
         self._started[w] = t
@@ -332,22 +340,56 @@ class Simulation:
         self._pending.pop(w, None)
         self._inflight.pop(w, None)
         self.net.crash(w)
+        # A real process's links close when it dies, and each neighbour sees its connection drop one latency
+        # later; without this a survivor that never sends to the dead worker again (a barrier waiting for its
+        # step, a client waiting for the server's reply) would wait for it forever.
+        now = self.clock.now()
+        for peer in self.workers[w].topology.neighbors(w):
+            if self._state[peer] not in (_DONE, _DEAD):
+                self.events.push(now + self.net.model.link(w, peer).latency, EventKind.PEER_DEAD, peer, w)
         if all(s not in _TRAINING for s in self._state):
-            self._drain_deadline = min(self._drain_deadline, self.clock.now() + self.policy.drain_timeout)
+            self._drain_deadline = min(self._drain_deadline, now + self.policy.drain_timeout)
+
+    def _peer_dead(self, w: int, dead: int) -> None:
+        """Worker ``w`` notices that its neighbour ``dead`` died: the protocol hears it at its next step, and a
+        worker waiting on peers (or draining) looks again now."""
+        if self._state[w] in (_DONE, _DEAD):
+            return
+        self.net.stats[w].dead_peers.add(dead)
+        if self._state[w] == _WAITING:
+            self._start(w)
+        elif self._state[w] == _DRAINING:
+            self._check_drained(w, self.transports[w].poll())
+
+    def _stalled(self) -> None:
+        """Nothing is left to happen but evaluations: every worker still training waits on peers that will never
+        send (an algorithm waiting on a worker that stopped, say). A real run would wait for its time budget;
+        in virtual time that is forever, so each such worker stops now with reason "stalled" (reported)."""
+        now = self.clock.now()
+        for w in range(len(self.workers)):
+            if self._state[w] in _TRAINING:
+                self._send(w, self.protocols[w].stop(now, "stalled"))
+                self._stop(w)
 
     def _evaluate(self) -> None:
-        if self._state[0] == _DEAD:
+        self._eval_pending = 0
+        live = [r for r, s in enumerate(self._state) if s != _DEAD]
+        if not live:
             return
+        e = self._evaluator = live[0]
         t = self.clock.now()
-        self.protocols[0].evaluated(t, self.task.evaluate(self.workers[0].model, full=False))
-        if self._state[0] in _TRAINING:
+        self.outcome.evals.append(
+            self.protocols[e].evaluated(t, self.task.evaluate(self.workers[e].model, full=False))
+        )
+        if self._state[e] in _TRAINING:
             self.events.push(t + self.policy.eval_every, EventKind.EVALUATE)
+            self._eval_pending = 1
 
     def _progress(self) -> dict:
         return {
             "time": self.clock.now(),
             "computed": sum(w.computed for w in self.workers),
-            "applied": self.workers[0].applied,
+            "applied": self.workers[self._evaluator].applied,
             "training": sum(s in _TRAINING for s in self._state),
-            **{k: v for k, v in self.protocols[0].last_metrics.items() if isinstance(v, float)},
+            **{k: v for k, v in self.protocols[self._evaluator].last_metrics.items() if isinstance(v, float)},
         }

@@ -23,6 +23,7 @@ class EventKind(IntEnum):
     CRASH = 5  # a worker dies
     LINK_DOWN = 6
     LINK_UP = 7
+    PEER_DEAD = 8  # worker a notices that its neighbour b died (its link closed)
 
 
 @dataclass(order=True)

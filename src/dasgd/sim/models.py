@@ -168,12 +168,24 @@ def read_step_trace(path: str | Path) -> tuple[tuple[float, ...], ...]:
     """Step times from a file: a run's ``events.jsonl`` (per worker, the start-to-start time of its steps), or a
     text file with one duration in seconds per line (one shared trace)."""
     p = Path(path)
-    if not p.is_file():
+    if not p.exists():
         raise ModelError(f"trace file {str(p)!r} does not exist")
+    if not p.is_file():
+        raise ModelError(
+            f"trace file {str(p)!r} is not a regular file; give a run's events.jsonl or a text file"
+        )
+    try:
+        text = p.read_bytes().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ModelError(
+            f"{p}: not a text file; give a run's events.jsonl or one step time per line"
+        ) from None
+    except OSError as e:
+        raise ModelError(f"{p}: cannot be read ({e.strerror})") from None
     if p.name.endswith(".jsonl"):
         per: dict[int, list[tuple[int, float, float]]] = {}
         width, last = 0, 0.0
-        for lineno, line in enumerate(p.read_text().splitlines(), 1):
+        for lineno, line in enumerate(text.splitlines(), 1):
             if not line.strip():
                 continue
             try:
@@ -181,11 +193,17 @@ def read_step_trace(path: str | Path) -> tuple[tuple[float, ...], ...]:
             except ValueError:
                 raise ModelError(f"{p}:{lineno}: not JSON") from None
             if isinstance(ev, dict) and ev.get("type") == "gradient":
-                per.setdefault(int(ev["origin"]), []).append(
-                    (int(ev["index"]), float(ev["start"]), float(ev["end"]))
-                )
-                width = max(width, len(ev["clock"]))
-                last = max(last, float(ev["end"]))
+                try:
+                    record = (int(ev["origin"]), int(ev["index"]), float(ev["start"]), float(ev["end"]))
+                    clock_width = len(ev["clock"])
+                except (KeyError, TypeError, ValueError, OverflowError):
+                    raise ModelError(
+                        f"{p}:{lineno}: a gradient record without a valid origin, index, start, end and clock; "
+                        "is this a dasgd run's events.jsonl?"
+                    ) from None
+                per.setdefault(record[0], []).append(record[1:])
+                width = max(width, clock_width)
+                last = max(last, record[3])
         # One trace per rank, in rank order. A worker that completed no gradient in the whole run gets one
         # step as long as the run, so it stays (almost) silent in the replay too, as it was.
         traces: Sequence[list[float]] = [
@@ -193,7 +211,7 @@ def read_step_trace(path: str | Path) -> tuple[tuple[float, ...], ...]:
         ]
     else:
         values = []
-        for lineno, line in enumerate(p.read_text().splitlines(), 1):
+        for lineno, line in enumerate(text.splitlines(), 1):
             if line.strip() and not line.lstrip().startswith("#"):
                 try:
                     values.append(float(line))
@@ -202,4 +220,6 @@ def read_step_trace(path: str | Path) -> tuple[tuple[float, ...], ...]:
         traces = [values]
     if not traces or any(not t for t in traces) or any(v <= 0 for t in traces for v in t):
         raise ModelError(f"{p}: no positive step times found")
+    if not all(math.isfinite(v) for t in traces for v in t):
+        raise ModelError(f"{p}: a step time is not a finite number of seconds")
     return tuple(tuple(t) for t in traces)

@@ -24,6 +24,8 @@ def stop_reason(
     """Why ``worker`` should stop now, or "" to go on.
 
     - "diverged": this worker computed a gradient with a NaN or infinity (its replica diverged);
+    - the algorithm's own reason when it can never go on (``server_died``: a parameter-server client whose
+      server died; ``no_clients``: a server whose clients all died);
     - "stop_requested": a peer asked (a STOP message arrived);
     - "max_gradients": the replica holds the run's gradient budget T (its view of the total);
     - "max_seconds": the time budget is spent (wall or virtual seconds since the start);
@@ -33,6 +35,9 @@ def stop_reason(
         return "diverged"
     if worker.stop_requested:
         return "stop_requested"
+    stranded = worker.stranded
+    if stranded:
+        return stranded
     if max_gradients is not None and worker.applied >= max_gradients:
         return "max_gradients"
     if max_seconds is not None and elapsed >= max_seconds:

@@ -222,6 +222,11 @@ class Worker:
         return not self.stopped and self.algorithm.ready()
 
     @property
+    def stranded(self) -> str:
+        """Why this worker can never make progress again (the algorithm's answer), or "" while it can."""
+        return self.algorithm.stranded()
+
+    @property
     def complete(self) -> bool:
         """The end-of-run drain is over for this worker (the algorithm's rule; by default
         :meth:`holds_every_final`). The first time it holds, the algorithm's ``on_complete`` runs."""
@@ -263,8 +268,10 @@ class Worker:
         if not 0 <= origin < self.world_size or origin == self.rank or self._dead[origin]:
             return []
         self._dead[origin] = True
+        # A barrier waiting on the dead worker's step may be complete over the live workers now.
+        out = self._carry_out(self.algorithm.on_peer_dead(origin))
         if self._complete:
-            return []  # every survivor has a direct link to every other: nothing to route around
+            return out  # every survivor has a direct link to every other: nothing to route around
         routes = SurvivorRoutes(self.topology, frozenset(self.dead))
         self._routes = routes
         self._own_children = routes.children(self.rank, self.rank)
@@ -272,7 +279,7 @@ class Worker:
         self._unreachable[list(routes.reachable(self.rank))] = False
         self._unreachable[self._dead] = False
         notice = Message(Kind.DEAD, self.rank, origin, 0, 0)
-        return [(peer, notice) for peer in self.topology.neighbors(self.rank) if not self._dead[peer]]
+        return out + [(peer, notice) for peer in self.topology.neighbors(self.rank) if not self._dead[peer]]
 
     @property
     def unreachable(self) -> set[int]:
