@@ -425,7 +425,7 @@ def test_a_run_whose_workers_wait_on_each_other_forever_stops_as_stalled():
 @pytest.mark.parametrize(
     ("name", "content", "words"),
     [
-        ("t.jsonl", b"\xff\xfe\x00binary", "not a text file"),
+        ("t.jsonl", b"\xff\xfe\x00binary", "is not UTF-8 text"),
         ("t.jsonl", b'{"type": "gradient", "origin": 0}\n', "without a valid origin"),
         (
             "t.jsonl",

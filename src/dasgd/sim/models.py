@@ -177,9 +177,7 @@ def read_step_trace(path: str | Path) -> tuple[tuple[float, ...], ...]:
     try:
         text = p.read_bytes().decode("utf-8")
     except UnicodeDecodeError:
-        raise ModelError(
-            f"{p}: not a text file; give a run's events.jsonl or one step time per line"
-        ) from None
+        raise ModelError(f"{p}: is not UTF-8 text") from None
     except OSError as e:
         raise ModelError(f"{p}: cannot be read ({e.strerror})") from None
     if p.name.endswith(".jsonl"):
