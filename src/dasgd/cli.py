@@ -1,6 +1,7 @@
 """The `dasgd` command line: thin typed commands over the library (parse, validate, call, print).
 
-Exit codes: 0 success, 1 the run itself failed, 2 bad input (a message names the flag and the fix).
+Exit codes: 0 success, 1 the run itself failed (or is not clean), 2 bad input (a message names the flag and the
+fix), 3 the run diverged (a NaN/inf or exploding loss stopped it; docs/failures.md, docs/stepsize.md).
 """
 
 from __future__ import annotations
@@ -13,12 +14,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from dasgd.cli_common import (
+    EXIT_DIVERGED,
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
     add_simulation_flags,
     add_spec_flags,
     check_trace,
+    choose_run_dir,
     default_run_dir,
     plain,
     prepare_output_dir,
@@ -91,19 +94,19 @@ def _train(args: argparse.Namespace) -> int:
         return _train_as_torchrun_rank(args, spec)
     import dataclasses
 
-    from dasgd.runs.build import build_task, resolve, secret_key
+    from dasgd.runs.build import build_task, secret_key, with_task_defaults
     from dasgd.runs.launcher import launch_local
     from dasgd.runs.report import format_summary
 
-    run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(spec.task)
-    spec = dataclasses.replace(spec, run_dir=str(run_dir))
-    resolve(spec)  # topology errors surface here, before any process starts
+    run_dir = choose_run_dir(args, spec, spec.task)  # a re-run of an earlier run's spec.yaml: a new directory
+    # Topology errors surface here, before any process starts; spec.yaml records the lr and batch size used.
+    spec = dataclasses.replace(with_task_defaults(spec), run_dir=str(run_dir))
     build_task(spec)  # a missing dataset is reported here, with its install command
     secret_key(spec)  # so is an unset --secret-env variable, before any worker starts
     prepare_output_dir(args, run_dir)  # an earlier run there is refused (or cleared: --overwrite)
-    update, close = progress_printer(spec, not args.no_progress and sys.stderr.isatty())
+    update, on_phase, close = progress_printer(spec, not args.no_progress and sys.stderr.isatty())
     try:
-        summary = launch_local(spec, run_dir, on_progress=update)
+        summary = launch_local(spec, run_dir, on_progress=update, on_phase=on_phase)
     finally:
         close()
     if args.json:
@@ -123,7 +126,30 @@ def _train(args: argparse.Namespace) -> int:
     problems += health_problems(summary)
     for problem in problems:
         print(f"dasgd: warning: {problem}", file=sys.stderr)
+    if report_divergence(summary, run_dir):
+        return EXIT_DIVERGED
     return EXIT_FAILED if problems else EXIT_OK
+
+
+def report_divergence(summary: RunSummary, run_dir: Path) -> bool:
+    """If the run diverged, say where and how to choose a stepsize (stderr) and return True (exit code 3)."""
+    from dasgd.metrics.eventlog import EventLogError, read_event_log
+    from dasgd.runs.report import diverged, divergence_advice, divergence_point
+
+    facts = summary.to_dict()
+    if not diverged(facts):
+        return False
+    try:
+        where = divergence_point(read_event_log(run_dir / "events.jsonl", clocks=False).runs)
+    except (EventLogError, OSError, ValueError):
+        where = ""
+    print(
+        f"dasgd: error: the run diverged{' (' + where + ')' if where else ''} and was stopped: a NaN/inf, or "
+        f"an evaluated loss above --diverge-factor (10 unless set) times the first evaluation. "
+        f"{divergence_advice(facts)} The run directory marks the point: {run_dir / 'report.md'}.",
+        file=sys.stderr,
+    )
+    return True
 
 
 def health_problems(summary: RunSummary) -> list[str]:
@@ -142,8 +168,6 @@ def health_problems(summary: RunSummary) -> list[str]:
             f"worker(s) {', '.join(map(str, flagged))} sent NaN or infinite values, which were refused"
         )
     reasons = summary.stop_reason.split(",")
-    if "diverged" in reasons:
-        problems.append("a replica diverged (its gradient held a NaN or an infinity): lower --lr")
     if "server_died" in reasons or "no_clients" in reasons:
         problems.append(
             "the run stopped early: the parameter server or all of its clients died, and ps-asgd cannot go on "
@@ -160,7 +184,7 @@ def health_problems(summary: RunSummary) -> list[str]:
 def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:
     import dataclasses
 
-    from dasgd.runs.build import secret_key
+    from dasgd.runs.build import secret_key, with_task_defaults
     from dasgd.runs.entry import run_process
     from dasgd.runs.report import format_summary
 
@@ -168,8 +192,8 @@ def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:
     world = int(os.environ["WORLD_SIZE"])
     if args.workers is None and spec.workers != world:
         spec = dataclasses.replace(spec, workers=world)
-    run_dir = Path(spec.run_dir) if spec.run_dir else Path("runs") / f"{spec.task}-torchrun"
-    spec = dataclasses.replace(spec, run_dir=str(run_dir))
+    run_dir = _torchrun_run_dir(args, spec)
+    spec = dataclasses.replace(with_task_defaults(spec), run_dir=str(run_dir))
     if int(os.environ["RANK"]) == 0:
         prepare_output_dir(args, run_dir)  # the other ranks wait for rank 0 at the rendezvous
         (run_dir / "spec.yaml").write_text(spec.to_yaml())
@@ -177,7 +201,47 @@ def _train_as_torchrun_rank(args: argparse.Namespace, spec: Any) -> int:
     if summary is not None:
         print(format_summary(summary))
         print(f"run directory: {run_dir}")
+        if report_divergence(summary, run_dir):
+            return EXIT_DIVERGED
     return EXIT_OK
+
+
+def _torchrun_run_dir(args: argparse.Namespace, spec: Any) -> Path:
+    """The run directory every rank of a torchrun job agrees on.
+
+    ``--run-dir`` (or the spec's run_dir, unless the spec is an earlier run's spec.yaml) is used as it is.
+    Otherwise rank 0 chooses a new ``runs/<task>-torchrun-<rdzv id>-<time>`` and shares it through the
+    rendezvous store torchrun's agent serves (the ranks' clocks and start times differ, so each cannot derive
+    the time itself); without an agent store the name comes from the rendezvous alone:
+    ``runs/<task>-torchrun-<rdzv id>-r<restart count>``.
+    """
+    import re
+    from datetime import timedelta
+
+    rank0 = int(os.environ["RANK"]) == 0
+    run_id = os.environ.get("TORCHELASTIC_RUN_ID", "") or "none"
+    restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    tag = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:12]
+
+    def new() -> Path:
+        if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+            return Path("runs") / f"{spec.task}-torchrun-{tag}-r{restart}"
+        from torch.distributed import TCPStore
+
+        store = TCPStore(
+            os.environ["MASTER_ADDR"],
+            int(os.environ["MASTER_PORT"]),
+            is_master=False,
+            timeout=timedelta(seconds=max(1.0, spec.startup_timeout)),
+        )
+        key = f"dasgd/{run_id}/{restart}/run_dir"
+        if rank0:
+            path = default_run_dir(f"{spec.task}-torchrun-{tag}")
+            store.set(key, str(path))
+            return path
+        return Path(store.get(key).decode())
+
+    return choose_run_dir(args, spec, spec.task, new=new, quiet=not rank0)
 
 
 def _modelled_failures(spec: Any) -> bool:
@@ -224,14 +288,16 @@ def _simulate_one(args: argparse.Namespace) -> int:
     _check_target_loss(args)
     values = simulation_values(args)
     spec = resolve_spec(values, simulate=True, **spec_overrides(args), simulation=simulation_overrides(args))
-    run_dir = Path(spec.run_dir) if spec.run_dir else default_run_dir(f"sim-{spec.task}")
-    spec = dataclasses.replace(spec, run_dir=str(run_dir))
+    from dasgd.runs.build import with_task_defaults
+
+    run_dir = choose_run_dir(args, spec, f"sim-{spec.task}")  # an earlier run's spec.yaml: a new directory
+    spec = dataclasses.replace(with_task_defaults(spec), run_dir=str(run_dir))  # spec.yaml: the lr used
     check_trace(spec)
     prepare_output_dir(args, run_dir)  # an earlier run there is refused (or cleared: --overwrite)
-    update, close = simulation_progress(spec, not args.no_progress and sys.stderr.isatty())
+    update, on_phase, close = simulation_progress(spec, not args.no_progress and sys.stderr.isatty())
     summary: RunSummary | None = None
     try:
-        summary = simulate(spec, run_dir, on_progress=update)
+        summary = simulate(spec, run_dir, on_progress=update, on_phase=on_phase)
     finally:
         close(
             None
@@ -288,6 +354,10 @@ def _simulate_one(args: argparse.Namespace) -> int:
     problems += health_problems(summary)
     if not summary.drained:
         problems.append("the end-of-run drain did not complete (a replica still misses gradients)")
+    if report_divergence(summary, run_dir):
+        for problem in problems:
+            print(f"dasgd: warning: {problem}", file=sys.stderr)
+        return EXIT_DIVERGED
     if not problems:
         return EXIT_OK
     expected = _modelled_failures(spec)
@@ -347,6 +417,9 @@ def _sweep(args: argparse.Namespace) -> int:
         )
     failed = False
     for point, row in zip(plan.points, outcome.rows):
+        if "diverged" in str(row.get("stop_reason") or "").split(","):
+            # Information, not a failure: a stepsize sweep is how a user finds where the run diverges.
+            print(f"dasgd: note: {point.name}: diverged (stopped early; docs/stepsize.md)", file=sys.stderr)
         if row.get("gradients_lost") or row.get("replicas_agree") is False:
             expected = _modelled_failures(point.spec)
             failed = failed or not expected

@@ -12,12 +12,14 @@ from pathlib import Path
 from typing import Any
 
 __all__ = [
+    "EXIT_DIVERGED",
     "EXIT_FAILED",
     "EXIT_OK",
     "EXIT_USAGE",
     "add_simulation_flags",
     "add_spec_flags",
     "check_trace",
+    "choose_run_dir",
     "default_run_dir",
     "plain",
     "prepare_output_dir",
@@ -28,7 +30,8 @@ __all__ = [
     "spec_overrides",
 ]
 
-EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_DIVERGED = 0, 1, 2, 3
+"""Exit codes of every command (docs/failures.md): 0 clean, 1 not clean or failed, 2 bad input, 3 diverged."""
 
 
 def add_spec_flags(p: argparse.ArgumentParser) -> None:
@@ -126,6 +129,45 @@ def default_run_dir(task: str) -> Path:
     return path
 
 
+def _belongs_to_a_run(spec_file: Path, run_dir: str) -> bool:
+    """Whether ``spec_file`` is the spec.yaml of an earlier run: it lies in a run directory (next to that run's
+    summary.json or events.jsonl), or its ``run_dir`` names the folder it lies in."""
+    folder = spec_file.parent
+    if (folder / "summary.json").exists() or (folder / "events.jsonl").exists():
+        return True
+    try:
+        return Path(run_dir).resolve() == folder.resolve()
+    except OSError:
+        return False
+
+
+def choose_run_dir(
+    args: argparse.Namespace, spec: Any, prefix: str, new: Any = None, quiet: bool = False
+) -> Path:
+    """The run directory of a new run: ``--run-dir`` if given; the spec file's ``run_dir`` unless that file is
+    an earlier run's spec.yaml (re-running it must not replace that run: a new directory is chosen, with a
+    note unless ``quiet``); else a new directory. ``new()`` makes the new one (default ``runs/<prefix>-<time>``).
+    """
+    import sys
+
+    make = new if new is not None else (lambda: default_run_dir(prefix))
+    if getattr(args, "run_dir", None) is not None:
+        return Path(args.run_dir)
+    if not spec.run_dir:
+        return make()
+    spec_file = Path(args.spec) if getattr(args, "spec", None) else None
+    if spec_file is None or not _belongs_to_a_run(spec_file, spec.run_dir):
+        return Path(spec.run_dir)
+    path = make()
+    if not quiet:
+        print(
+            f"dasgd: note: {spec_file} is the spec of the run in {spec.run_dir}; this re-run goes to {path} "
+            f"(to replace that run instead: --run-dir {spec.run_dir} --overwrite)",
+            file=sys.stderr,
+        )
+    return path
+
+
 def prepare_output_dir(args: argparse.Namespace, path: Path, kind: str = "run") -> Path:
     """Check, clear (``--overwrite``) and create the output directory before anything runs (bad: SpecError)."""
     from dasgd.runs import rundir
@@ -135,28 +177,97 @@ def prepare_output_dir(args: argparse.Namespace, path: Path, kind: str = "run") 
     return rundir.prepare_run_dir(path, overwrite=bool(args.overwrite), kind=kinds[kind], flag=flag)
 
 
+class _Phases:
+    """The end-of-run phases on the terminal: each phase (summarising, plotting, estimating constants, ...) gets
+    a bar of its own, with its own count and elapsed time, once the main bar is closed."""
+
+    def __init__(self, close_main) -> None:  # noqa: ANN001 - the main bar's close
+        self._close_main = close_main
+        self._bar: Any = None
+        self._name = ""
+
+    def __call__(self, name: str, done: int, total: int) -> None:
+        from tqdm import tqdm
+
+        if self._close_main is not None:
+            self._close_main()
+            self._close_main = None
+        if name != self._name:
+            if self._bar is not None:
+                self._bar.close()
+            self._name = name
+            self._bar = tqdm(
+                total=max(total, 1),
+                desc=name,
+                dynamic_ncols=True,
+                bar_format="{desc}: {n}/{total} [{elapsed}]",
+            )
+        self._bar.n = min(done, self._bar.total)
+        self._bar.refresh()
+
+    def close(self) -> None:
+        if self._close_main is not None:
+            self._close_main()
+            self._close_main = None
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None
+
+
+def _worker_phase(seen: list[dict]) -> str:
+    """What the workers are doing, in words: training until one stops, then draining until all are done."""
+    phases = [s.get("phase", "starting") for s in seen]
+    if any(p in ("training", "waiting") for p in phases):
+        return "draining" if any(p in ("draining", "drained", "drain_timeout") for p in phases) else "training"
+    if all(p in ("drained", "drain_timeout") for p in phases):
+        return "workers done"
+    return "draining" if any(p == "draining" for p in phases) else "starting"
+
+
 def progress_printer(spec: Any, enabled: bool):
-    """A tqdm bar over the run's budget, fed with every worker's progress."""
+    """A tqdm bar over the run's budget, fed with every worker's progress; then one bar per end-of-run phase.
+
+    Returns ``(update, on_phase, close)``: ``update(seen)`` takes the workers' progress dicts, ``on_phase(name,
+    done, total)`` an end-of-run phase (runs/results.py, ``PhaseCallback``). The training bar starts when the
+    first worker reports that it trains (not while processes start and load data: its first ETA would be
+    meaningless), and shows the workers' phase (training, draining); once they are done, each phase of the
+    end of the run (summarising, plotting, estimating the theory's constants) shows its own progress.
+    """
     if not enabled:
-        return None, lambda: None
+        return None, None, lambda: None
     from tqdm import tqdm
 
-    if spec.max_gradients is not None:
-        bar = tqdm(total=spec.max_gradients, unit="grad", desc="training", dynamic_ncols=True)
-        unit = "gradients"
-    else:
-        bar = tqdm(
+    state: dict[str, Any] = {"bar": None}
+
+    def make_bar() -> Any:
+        if spec.max_gradients is not None:
+            return tqdm(total=spec.max_gradients, unit="grad", desc="training", dynamic_ncols=True)
+        return tqdm(
             total=spec.max_seconds,
             unit="s",
             desc="training",
             dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.0f}/{total:.0f} s [{elapsed}{postfix}]",
         )
-        unit = "seconds"
+
+    def close_main() -> None:
+        if state["bar"] is not None:
+            state["bar"].close()
+            state["bar"] = None
+
+    phases = _Phases(close_main)
 
     def update(seen: list[dict]) -> None:
+        if phases._close_main is None:  # the end-of-run phases have begun: the training bar is closed
+            return
+        phase = _worker_phase(seen)
+        if state["bar"] is None:
+            if phase == "starting":
+                return  # processes still start and load their data
+            state["bar"] = make_bar()
+        bar = state["bar"]
         applied = max((s.get("applied", 0) for s in seen), default=0)
-        value = applied if unit == "gradients" else max((s.get("time", 0.0) for s in seen), default=0.0)
+        value = applied if spec.max_gradients is not None else max((s.get("time", 0.0) for s in seen), default=0.0)
         if bar.total is not None:
             value = min(value, bar.total)
         bar.n = value
@@ -164,19 +275,19 @@ def progress_printer(spec: Any, enabled: bool):
         acc = seen[0].get("test_accuracy") if seen else None
         if acc is not None:
             post["acc"] = f"{acc:.3f}"
-        phases = {s.get("phase") for s in seen}
-        if phases - {"training", "starting"}:
-            post["phase"] = "draining"
+        if phase != "training":
+            post["phase"] = phase
         bar.set_postfix(post, refresh=False)
         bar.refresh()
 
-    return update, bar.close
+    return update, phases, phases.close
 
 
 def simulation_progress(spec: Any, enabled: bool):
-    """A tqdm bar over the run's budget in gradients (or virtual seconds), fed by the simulator."""
+    """A tqdm bar over the run's budget in gradients (or virtual seconds), fed by the simulator; then one bar
+    per end-of-run phase. Returns ``(update, on_phase, close)`` as :func:`progress_printer` does."""
     if not enabled:
-        return None, lambda final=None: None
+        return None, None, lambda final=None: None
     from tqdm import tqdm
 
     by_gradients = spec.max_gradients is not None or spec.max_seconds is None
@@ -189,10 +300,13 @@ def simulation_progress(spec: Any, enabled: bool):
             dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} virtual s [{elapsed}{postfix}]",
         )
+    state = {"open": True}
 
     def update(progress: dict) -> None:
-        if "phase" in progress:  # the simulation is over; what follows is bookkeeping
-            bar.set_description(progress["phase"], refresh=False)
+        if not state["open"]:
+            return
+        if "phase" in progress:  # the simulation is over; what follows is bookkeeping (its own bars)
+            bar.set_description("simulated", refresh=False)
         value = progress.get("computed", 0) if by_gradients else progress.get("time", 0.0)
         bar.n = min(value, bar.total) if bar.total is not None else value
         post = {"t": f"{progress.get('time', 0.0):.3g}s", "training": progress.get("training", 0)}
@@ -202,12 +316,19 @@ def simulation_progress(spec: Any, enabled: bool):
         bar.set_postfix(post, refresh=False)
         bar.refresh()
 
-    def close(final: dict | None = None) -> None:
-        if final is not None:  # progress arrives every few thousand events: show where the run ended
-            update(final)
-        bar.close()
+    def close_main() -> None:
+        if state["open"]:
+            state["open"] = False
+            bar.close()
 
-    return update, close
+    phases = _Phases(close_main)
+
+    def close(final: dict | None = None) -> None:
+        if final is not None and state["open"]:  # progress arrives every few thousand events
+            update(final)
+        phases.close()
+
+    return update, phases, close
 
 
 def plain(obj: Any) -> Any:

@@ -121,10 +121,10 @@ def _run_one(args: argparse.Namespace, simulate: bool, show: bool):
         if simulate:
             from dasgd.runs.simulate import simulate as run_simulated
 
-            update, close = simulation_progress(spec, show)
+            update, on_phase, close = simulation_progress(spec, show)
             summary: RunSummary | None = None
             try:
-                summary = run_simulated(spec, run_dir, on_progress=update)
+                summary = run_simulated(spec, run_dir, on_progress=update, on_phase=on_phase)
             finally:
                 close(
                     None
@@ -137,9 +137,9 @@ def _run_one(args: argparse.Namespace, simulate: bool, show: bool):
             return summary
         from dasgd.runs.launcher import launch_local
 
-        update, close = progress_printer(spec, show)
+        update, on_phase, close = progress_printer(spec, show)
         try:
-            return launch_local(spec, run_dir, on_progress=update)
+            return launch_local(spec, run_dir, on_progress=update, on_phase=on_phase)
         finally:
             close()
 

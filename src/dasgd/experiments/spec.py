@@ -127,6 +127,27 @@ class RunSpec:
     """Write each replica's audit trail to RUN_DIR/audit/ (x0, every computed gradient in float64, what each
     replica applied, its final parameters), so that an independent checker can recompute every replica.
     Costs 8 bytes per parameter per gradient on disk: meant for tests and audits of small runs."""
+    diverge_factor: float = setting(
+        10.0,
+        "stop the run as diverged (exit code 3) once the evaluated loss exceeds this many times its first "
+        "evaluation; 0: only a NaN/inf loss or gradient (docs/stepsize.md)",
+        metavar="K",
+    )
+    """The exploding rule (worker/rules.py): the evaluated replica's loss above K times its first evaluation,
+    or a NaN/inf loss or gradient at any K, stops every worker with reason "diverged"; the CLI exits 3."""
+    theory: bool = setting(
+        True, "estimate the bounds' constants for report.md at the end (`dasgd theory RUN_DIR` does it later)"
+    )
+    """Whether the end of a run estimates L, sigma^2, Q, F0 for report.md's theory section (costly on a CNN:
+    Hessian power iterations); ``--no-theory`` skips it, and ``dasgd theory RUN_DIR`` or ``dasgd report``
+    computes it later."""
+    plots: bool = setting(True, "draw plots/*.png at the end (`dasgd report RUN_DIR` draws them later)")
+    """Whether the end of a run draws ``plots/*.png``; ``--no-plots`` skips it, ``dasgd report`` draws them."""
+    tensorboard: bool = setting(
+        False, "also write TensorBoard scalars to RUN_DIR/tensorboard (pip install 'dasgd[tensorboard]')"
+    )
+    """Write TensorBoard event files (loss, accuracy, staleness, throughput per worker) built from the run's
+    records into ``RUN_DIR/tensorboard`` (dasgd.metrics.tensorboard); needs the ``tensorboard`` extra."""
     run_dir: str | None = setting(None, "output directory (default runs/<task>-<time>)")
     simulation: SimSpec = setting(default_factory=SimSpec, cli=False)
     """How `dasgd simulate` models compute, network and failures (ignored by real runs)."""
@@ -433,6 +454,20 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
             "no CUDA device is visible to torch here; use --device cpu, or install a CUDA build of torch",
         )
     need(spec.drain_timeout > 0, "drain_timeout", "must be positive (seconds)")
+    if spec.tensorboard:
+        import importlib.util
+
+        need(
+            importlib.util.find_spec("tensorboard") is not None,
+            "tensorboard",
+            "the tensorboard package is not installed: pip install 'dasgd[tensorboard]' "
+            "(or pip install tensorboard), or leave --tensorboard out",
+        )
+    need(
+        spec.diverge_factor == 0 or spec.diverge_factor > 1,
+        "diverge_factor",
+        f"{spec.diverge_factor:g}: give a factor above 1 (e.g. 10), or 0 to stop only on NaN/inf",
+    )
     need(
         math.isfinite(spec.startup_timeout) and spec.startup_timeout > 0,
         "startup_timeout",

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +83,13 @@ def _metric_figure(
         name = f"worker {worker}"
         ax_time.plot(time, vals, marker=".", label=name)
         ax_grad.plot(grads, vals, marker=".", label=name)
+    for ev in log.runs:  # where the run stopped as diverged (runs/results.py, the "diverged" run event)
+        if ev.get("event") != "diverged":
+            continue
+        mark = {"color": "red", "linestyle": "--", "label": f"diverged (worker {ev.get('worker')})"}
+        ax_time.axvline(float(ev["time"]), **mark)
+        if isinstance(ev.get("gradients"), (int, float)):
+            ax_grad.axvline(float(ev["gradients"]), **mark)
     ax_time.set_xlabel(time_label)
     ax_grad.set_xlabel("gradients computed (held by the evaluated replica)")
     for ax in (ax_time, ax_grad):
@@ -182,7 +189,12 @@ def run_figures(log: EventLog, *, time_label: str = "wall time (s)", title: str 
 
 
 def plot_run(
-    log: EventLog, out_dir: str | os.PathLike[str], *, time_label: str = "wall time (s)", title: str = ""
+    log: EventLog,
+    out_dir: str | os.PathLike[str],
+    *,
+    time_label: str = "wall time (s)",
+    title: str = "",
+    on_figure: Callable[[int], None] | None = None,
 ) -> list[Path]:
     """Draw the run's figures into ``out_dir`` (created if needed) and return the files written.
 
@@ -194,7 +206,13 @@ def plot_run(
         out_dir: directory for the PNG files, usually ``RUN_DIR/plots``.
         time_label: x-axis label for time, e.g. ``"virtual time (s)"`` for a simulated run.
         title: figure title shown above every figure.
+        on_figure: called with the number of figures saved so far, after each one.
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    return [_save(fig, out / name) for name, fig in _figures(log, time_label, title)]
+    written = []
+    for name, fig in _figures(log, time_label, title):
+        written.append(_save(fig, out / name))
+        if on_figure is not None:
+            on_figure(len(written))
+    return written

@@ -25,6 +25,7 @@ __all__ = [
     "secret_key",
     "sampler_seed",
     "stop_policy",
+    "with_task_defaults",
 ]
 
 
@@ -52,7 +53,15 @@ def stop_policy(spec: RunSpec, task: Task, simulated: bool) -> StopPolicy:
         accuracy_metric=task.accuracy_metric,
         eval_every=spec.evaluation_interval(simulated=simulated),
         drain_timeout=spec.drain_timeout,
+        diverge_factor=spec.diverge_factor or None,
     )
+
+
+def with_task_defaults(spec: RunSpec) -> RunSpec:
+    """``spec`` with the stepsize and batch size it runs with written in (the task's defaults where it gave
+    none), so a run's spec.yaml records the values actually used rather than ``null``."""
+    resolved = resolve(spec)
+    return dataclasses.replace(spec, lr=resolved.lr, batch_size=resolved.batch_size)
 
 
 def resolve(spec: RunSpec) -> Resolved:

@@ -23,7 +23,7 @@ from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import RecordStream, StreamedLedger
 from dasgd.runs.build import build_task, build_worker, resolve, secret_key, stop_policy
-from dasgd.runs.results import run_log, summarize, worker_shard, write_run_outputs
+from dasgd.runs.results import OutputOptions, run_log, summarize, worker_shard, write_run_outputs
 from dasgd.runs.summary import RunSummary
 from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import WorkerLoop
@@ -181,7 +181,7 @@ def run_process(
             shards = [WorkerShard.from_bytes(b) for b in gathered]
             log = run_log(shards, spec.workers)  # merged once: the summary and the run directory both read it
             summary = summarize(spec, shards, task.describe(), resolved.batch_size, resolved.lr, log=log)
-            write_run_outputs(run_dir, summary, log)
+            write_run_outputs(run_dir, summary, log, options=OutputOptions.of(spec))
         # Everyone has drained and gathered: nothing is in flight any more, so the receivers can be released.
         # Each rank must expect the SHUTDOWN before any peer sends one (else it is refused as early).
         transport.expect_shutdown()

@@ -29,7 +29,7 @@ from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import read_stream
 from dasgd.runs.build import secret_key
-from dasgd.runs.results import run_log, summarize, write_run_outputs
+from dasgd.runs.results import OutputOptions, PhaseCallback, run_log, summarize, write_run_outputs
 from dasgd.runs.summary import RunSummary
 
 __all__ = ["RunFailed", "launch_local", "host_store", "store_env"]
@@ -86,6 +86,7 @@ def launch_local(
     run_dir: Path,
     on_progress: Callable[[list[dict]], None] | None = None,
     stall_timeout: float = 600.0,
+    on_phase: PhaseCallback | None = None,
 ) -> RunSummary:
     """Run ``spec`` with ``spec.workers`` local processes; return the run's summary, ``failed_workers`` set.
 
@@ -94,6 +95,8 @@ def launch_local(
         run_dir: the run directory (created; spec.yaml is written there).
         on_progress: called about 5 times a second with the latest progress of every worker.
         stall_timeout: seconds without any progress after which the run is declared hung and stopped.
+        on_phase: hears the end-of-run phases once the workers are done (summarising, plotting, estimating
+            the theory's constants, ...; :data:`~dasgd.runs.results.PhaseCallback`).
     """
     secret_key(spec)  # an unset --secret-env variable is reported here (SpecError), not by every worker
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -152,14 +155,21 @@ def launch_local(
     finally:
         for f in log_files:
             f.close()
-    return _collect(spec, run_dir, shard_dir, logs, failures)
+    return _collect(spec, run_dir, shard_dir, logs, failures, on_phase)
 
 
 def _collect(
-    spec: RunSpec, run_dir: Path, shard_dir: Path, logs: Path, failures: dict[int, int]
+    spec: RunSpec,
+    run_dir: Path,
+    shard_dir: Path,
+    logs: Path,
+    failures: dict[int, int],
+    on_phase: PhaseCallback | None = None,
 ) -> RunSummary:
     """Summarise the shards the workers left. A worker that died left no shard, but what it streamed as it
     went (its gradient records and evaluations, metrics/stream.py) joins the run's log and summary."""
+    if on_phase is not None:
+        on_phase("summarising", 0, 1)
     shards = []
     streams = {}
     for rank in range(spec.workers):
@@ -192,7 +202,7 @@ def _collect(
         streams=streams,
     )
     summary = dataclasses.replace(summary, failed_workers={str(r): c for r, c in sorted(failures.items())})
-    write_run_outputs(run_dir, summary, log)
+    write_run_outputs(run_dir, summary, log, options=OutputOptions.of(spec), on_phase=on_phase)
     return summary
 
 

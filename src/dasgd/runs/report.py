@@ -17,7 +17,7 @@ import json
 import math
 import numbers
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -248,6 +248,46 @@ def _plot_lines(run_dir: Path) -> list[str]:
     return lines
 
 
+def diverged(summary: Mapping[str, Any]) -> bool:
+    """Whether the run stopped because a replica diverged (worker/rules.py: NaN/inf, or an exploding loss)."""
+    reason = summary.get("stop_reason")
+    return isinstance(reason, str) and "diverged" in reason.split(",")
+
+
+def divergence_point(runs: Sequence[Mapping[str, Any]]) -> str:
+    """Where the run diverged, from its "diverged" run events (runs/results.py), in words ("" if none)."""
+    parts = []
+    for ev in runs:
+        if ev.get("event") != "diverged":
+            continue
+        text = f"worker {ev.get('worker')} at t = {format_value(ev.get('time'))} s"
+        if ev.get("gradients") is not None:
+            text += f", {format_value(ev.get('gradients'))} gradients"
+        if ev.get("metric") is not None:
+            text += (
+                f", {ev['metric'].replace('_', ' ')} {format_value(ev.get('loss'))} "
+                f"(first evaluation: {format_value(ev.get('first_loss'))})"
+            )
+        parts.append(text)
+    return "; ".join(parts)
+
+
+def divergence_advice(summary: Mapping[str, Any]) -> str:
+    """What a diverged run tells its user about the stepsize (one paragraph, for the terminal and the report)."""
+    n = summary.get("workers")
+    lr = summary.get("lr")
+    task = summary.get("task") or "TASK"
+    n_text = str(n) if _is_int(n) else "n"
+    lower = ",".join(f"{float(lr) / d:.3g}" for d in (2, 4, 8)) if _is_real(lr) else "0.01,0.005"
+    return (
+        f"DASGD applies every gradient at the full stepsize on every replica: with {n_text} workers a replica "
+        f"moves about {n_text} times as far per gradient as DDP (or --algorithm sync), which averages {n_text} "
+        f"gradients into one step of --lr {format_value(lr)}. A stepsize tuned for DDP is about {n_text}x too "
+        f"large here: lower --lr, and choose it by simulation, e.g. `dasgd simulate --task {task} --workers "
+        f"{n_text} --sweep lr={lower}` (see docs/stepsize.md)."
+    )
+
+
 def _headline(summary: Mapping[str, Any]) -> str:
     parts = [
         ("task", summary.get("task")),
@@ -273,10 +313,13 @@ def _read_summary(path: Path) -> dict[str, Any] | None:
     return data
 
 
-def write_report(run_dir: str | os.PathLike[str], *, log: EventLog | None = None) -> Path:
+def write_report(
+    run_dir: str | os.PathLike[str], *, log: EventLog | None = None, theory: bool = True
+) -> Path:
     """Write ``RUN_DIR/report.md`` from ``summary.json`` and the PNG files present in ``RUN_DIR/plots``.
 
     ``log`` is the run's event log if the caller has read it already (the theory section needs it).
+    ``theory`` False leaves the theory section's estimates out (``--no-theory``; it says how to compute them).
 
     A missing ``summary.json`` gives a report of ``n/a`` values with a note saying so.
 
@@ -293,6 +336,18 @@ def write_report(run_dir: str | os.PathLike[str], *, log: EventLog | None = None
         lines += ["*summary.json was not found in this run directory; values are shown as n/a.*", ""]
         summary = {}
     lines += [_headline(summary), ""]
+    if diverged(summary):
+        where = divergence_point(log.runs if log is not None else ())
+        lines += [
+            "## Diverged",
+            "",
+            f"**The run stopped because a replica diverged**{': ' + where if where else ''} (the exploding "
+            "rule: a NaN/inf loss or gradient, or an evaluated loss above `diverge_factor` times the first "
+            "evaluation; the plots mark the point with a dashed red line).",
+            "",
+            divergence_advice(summary),
+            "",
+        ]
     lines += ["## Results", "", "| quantity | value |", "|---|---|"]
     lines += [f"| {_cell(label)} | {_cell(value)} |" for label, value in _results_rows(summary)]
     lines += ["", "## Per worker", ""]
@@ -300,7 +355,16 @@ def write_report(run_dir: str | os.PathLike[str], *, log: EventLog | None = None
     lines.append("")
     from dasgd.runs.theory_report import report_section  # imports torch: only when a report is written
 
-    lines += report_section(run_dir, log=log)
+    if theory:
+        lines += report_section(run_dir, log=log)
+    else:
+        lines += [
+            "## Theory",
+            "",
+            "*Not computed at the end of this run (`--no-theory`): `dasgd theory RUN_DIR` computes it, "
+            "and `dasgd report RUN_DIR` adds it here.*",
+            "",
+        ]
     plot_lines = _plot_lines(run_dir)
     if plot_lines:
         lines += ["## Plots", "", *plot_lines]

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +22,15 @@ from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import StreamRead
 from dasgd.runs.summary import UNSET, RunSummary, WorkerSummary
 
-__all__ = ["run_log", "summarize", "write_run_outputs", "render_run_dir", "worker_shard"]
+__all__ = [
+    "OutputOptions",
+    "PhaseCallback",
+    "run_log",
+    "summarize",
+    "write_run_outputs",
+    "render_run_dir",
+    "worker_shard",
+]
 
 
 def worker_shard(
@@ -303,6 +312,8 @@ def run_log(
         runs.append(
             {"event": "stop", "time": s.meta["train_end"], "worker": rank, "reason": s.meta["stop_reason"]}
         )
+        if s.meta["stop_reason"] == "diverged":
+            runs.append(_divergence_event(rank, s.meta["train_end"], s.meta.get("evals", [])))
         event = "drained" if s.meta["drained"] else "drain_timeout"
         runs.append({"event": event, "time": s.meta["drain_end"], "worker": rank})
     sources: list[Any] = list(shards)
@@ -325,6 +336,22 @@ def run_log(
         runs=runs,
         world_size=n,
     )
+
+
+def _divergence_event(rank: int, when: float, evals: list[dict[str, Any]]) -> dict[str, Any]:
+    """The "diverged" run event that marks where worker ``rank`` stopped as diverged (time ``when``), with the
+    loss of its first and last evaluation before that (an evaluating worker: the exploding rule's inputs)."""
+    from dasgd.worker.rules import LOSS_KEYS
+
+    event: dict[str, Any] = {"event": "diverged", "time": when, "worker": rank}
+    before = [e for e in evals if not e.get("final") and e.get("time", 0.0) <= when]
+    if before:
+        first, last = before[0], before[-1]
+        key = next((k for k in LOSS_KEYS if k in first), None)
+        event["gradients"] = last.get("gradients")
+        if key is not None:
+            event.update({"metric": key, "first_loss": first.get(key), "loss": last.get(key)})
+    return event
 
 
 class _StreamRecords:
@@ -372,12 +399,41 @@ def _readonly(array: np.ndarray) -> np.ndarray:
     return array
 
 
-def write_run_outputs(run_dir: Path, summary: RunSummary, log: EventLog, render: bool = True) -> None:
+PhaseCallback = Callable[[str, int, int], None]
+"""``on_phase(name, done, total)``: the end-of-run phase ``name`` ("plotting", "estimating constants", ...)
+has ``done`` of its ``total`` steps behind it; called at the start of each phase and after each step."""
+
+
+@dataclass(frozen=True)
+class OutputOptions:
+    """Which costly outputs the end of a run writes (the spec's ``plots``, ``theory`` and ``tensorboard``)."""
+
+    plots: bool = True
+    theory: bool = True
+    tensorboard: bool = False
+
+    @classmethod
+    def of(cls, spec: RunSpec) -> OutputOptions:
+        return cls(plots=spec.plots, theory=spec.theory, tensorboard=spec.tensorboard)
+
+
+def write_run_outputs(
+    run_dir: Path,
+    summary: RunSummary,
+    log: EventLog,
+    render: bool = True,
+    *,
+    options: OutputOptions | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> None:
     """Write events.jsonl (from ``log``, the run's records: :func:`run_log`) and summary.json (``summary``'s
-    :meth:`~dasgd.runs.summary.RunSummary.to_dict`), then (unless ``render`` is False) metrics.csv, plots and
-    report.md."""
+    :meth:`~dasgd.runs.summary.RunSummary.to_dict`), then (unless ``render`` is False) metrics.csv, plots,
+    report.md and what ``options`` ask for (default: plots and the theory section, no TensorBoard).
+    ``on_phase`` hears each phase as it starts and advances."""
     from dasgd.metrics.eventlog import write_event_log
 
+    phase = on_phase or (lambda name, done, total: None)
+    phase("writing events.jsonl and summary.json", 0, 1)
     run_dir.mkdir(parents=True, exist_ok=True)
     write_event_log(
         run_dir / "events.jsonl", log.origin, log.index, log.start, log.end, log.clock, log.evals, log.runs
@@ -385,17 +441,26 @@ def write_run_outputs(run_dir: Path, summary: RunSummary, log: EventLog, render:
     (run_dir / "summary.json").write_text(
         json.dumps(summary.to_dict(), indent=2, default=_json_default) + "\n"
     )
+    phase("writing events.jsonl and summary.json", 1, 1)
     if render:
-        render_run_dir(run_dir, log=log)
+        render_run_dir(run_dir, log=log, options=options, on_phase=on_phase)
 
 
-def render_run_dir(run_dir: Path, log: EventLog | None = None) -> None:
-    """(Re)build metrics.csv, plots and report.md from events.jsonl (or ``log``, the same records already in
-    memory) and summary.json."""
+def render_run_dir(
+    run_dir: Path,
+    log: EventLog | None = None,
+    *,
+    options: OutputOptions | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> None:
+    """(Re)build metrics.csv, plots, report.md (and TensorBoard files if ``options`` ask) from events.jsonl
+    (or ``log``, the same records already in memory) and summary.json."""
     from dasgd.metrics.eventlog import read_event_log, write_metrics_csv
-    from dasgd.metrics.plots import plot_run
+    from dasgd.metrics.plots import PLOT_FILES, plot_run
     from dasgd.runs.report import write_report
 
+    options = options or OutputOptions()
+    phase = on_phase or (lambda name, done, total: None)
     if log is None:
         log = read_event_log(run_dir / "events.jsonl")
     write_metrics_csv(log, run_dir / "metrics.csv")
@@ -407,8 +472,29 @@ def render_run_dir(run_dir: Path, log: EventLog | None = None) -> None:
     title = (
         f"{summary.get('algorithm', '')} on {summary.get('task', '')}, {summary.get('workers', '?')} workers"
     )
-    plot_run(log, run_dir / "plots", time_label=time_label, title=title)
-    write_report(run_dir, log=log)  # the log already read: at scale it is gigabytes, read it once
+    if options.plots:
+        total = len(PLOT_FILES)
+        phase("plotting", 0, total)
+        plot_run(
+            log,
+            run_dir / "plots",
+            time_label=time_label,
+            title=title,
+            on_figure=lambda done: phase("plotting", min(done, total), total),
+        )
+    if options.tensorboard:
+        from dasgd.metrics.tensorboard import write_run_scalars
+
+        phase("writing TensorBoard scalars", 0, 1)
+        write_run_scalars(log, run_dir / "tensorboard")
+        phase("writing TensorBoard scalars", 1, 1)
+    if options.theory:
+        # The costly part on a large model: Hessian power iterations and mini-batch gradient variances.
+        phase("estimating constants (theory)", 0, 1)
+    else:
+        phase("writing report.md", 0, 1)
+    write_report(run_dir, log=log, theory=options.theory)  # the log already read: at scale it is gigabytes
+    phase("estimating constants (theory)" if options.theory else "writing report.md", 1, 1)
 
 
 def _json_default(obj: Any) -> Any:

@@ -44,7 +44,18 @@ class DirKind:
 RUN = DirKind(
     "run directory",
     RUN_MARKERS,
-    (*RUN_MARKERS, "metrics.csv", "report.md", "theory.md", "plots", "logs", "progress", "shards", "audit"),
+    (
+        *RUN_MARKERS,
+        "metrics.csv",
+        "report.md",
+        "theory.md",
+        "plots",
+        "logs",
+        "progress",
+        "shards",
+        "audit",
+        "tensorboard",
+    ),
 )
 COMPARE = DirKind(
     "comparison directory",

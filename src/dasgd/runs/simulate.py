@@ -19,7 +19,14 @@ import numpy as np
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.runs.build import Resolved, build_sampler, build_task, build_worker, resolve, stop_policy
-from dasgd.runs.results import run_log, summarize, worker_shard, write_run_outputs
+from dasgd.runs.results import (
+    OutputOptions,
+    PhaseCallback,
+    run_log,
+    summarize,
+    worker_shard,
+    write_run_outputs,
+)
 from dasgd.runs.summary import RunSummary
 from dasgd.sim.engine import SimOutcome, Simulation
 from dasgd.sim.models import ComputeModel, FailurePlan, LinkModel, NetworkModel, read_step_trace
@@ -84,11 +91,17 @@ def build_simulation(
     return engine, task, resolved
 
 
-def simulate(spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None) -> RunSummary:
+def simulate(
+    spec: RunSpec,
+    run_dir: Path,
+    on_progress: Callable[[dict], None] | None = None,
+    on_phase: PhaseCallback | None = None,
+) -> RunSummary:
     """Run ``spec`` in the simulator and write its run directory; return the summary, ``simulation`` set.
 
     ``on_progress`` gets the engine's progress dicts while it runs, then one with a ``"phase"`` key (and the
-    final ``computed`` and ``time``) when the run directory is being written.
+    final ``computed`` and ``time``) when the run directory is being written. ``on_phase`` hears the
+    end-of-run phases (summarising, plotting, estimating the theory's constants, ...) with their progress.
     """
     wall_start = time.perf_counter()
     engine, task, resolved = build_simulation(spec, on_progress)
@@ -108,6 +121,8 @@ def simulate(spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] |
                 "time": outcome.end_time,
             }
         )
+    if on_phase is not None:
+        on_phase("summarising", 0, 1)
     live = [r for r in range(spec.workers) if not outcome.crashed[r]]
     if not live:
         # As a real run whose every worker died (launcher.RunFailed): there is no replica left to summarise.
@@ -160,7 +175,7 @@ def simulate(spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] |
     summary = dataclasses.replace(summary, simulation=simulation)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "spec.yaml").write_text(spec.to_yaml())
-    write_run_outputs(run_dir, summary, log)
+    write_run_outputs(run_dir, summary, log, options=OutputOptions.of(spec), on_phase=on_phase)
     return summary
 
 

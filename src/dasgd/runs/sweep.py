@@ -59,6 +59,7 @@ DEFAULT_STRAGGLER_SHARE = 0.25
 """Share of workers slowed down in a ``slowdown`` sweep whose spec names no stragglers."""
 
 SWEEP_COLUMNS: tuple[str, ...] = (
+    "stop_reason",
     "gradients_computed",
     "s_avg",
     "s_max",
@@ -76,6 +77,7 @@ SWEEP_COLUMNS: tuple[str, ...] = (
 """Columns of ``sweep.csv`` after the swept keys (``time_to_target_s`` is virtual time)."""
 
 _HEADERS: dict[str, str] = {
+    "stop_reason": "stopped by",
     "gradients_computed": "gradients",
     "s_avg": "S_avg",
     "s_max": "S_max",
@@ -401,6 +403,7 @@ def _row(point: SweepPoint, summary: Mapping[str, Any], target_loss: float | Non
     }
     row.update(
         {
+            "stop_reason": summary.get("stop_reason"),
             "gradients_computed": summary.get("gradients_computed"),
             "s_avg": staleness.get("s_avg"),
             "s_max": staleness.get("s_max"),
@@ -567,6 +570,7 @@ def format_sweep_table(rows: Sequence[Mapping[str, Any]], keys: Sequence[str]) -
 
     columns = [
         *keys,
+        "stop_reason",
         "s_avg",
         "s_hat_max",
         "final_accuracy",

@@ -60,6 +60,9 @@ class StopPolicy:
     """Seconds between evaluations (of the worker that evaluates)."""
     drain_timeout: float = 120.0
     """Seconds the end-of-run drain may take."""
+    diverge_factor: float | None = None
+    """Stop as "diverged" once the evaluated loss exceeds this many times the first evaluation's (None or 0:
+    only a non-finite loss or gradient counts; worker/rules.py, ``exploded``)."""
 
 
 class Phase(enum.Enum):
@@ -150,6 +153,8 @@ class WorkerProtocol:
             self.policy.max_seconds,
             self.policy.target_accuracy,
             self.policy.accuracy_metric,
+            self.evals[0] if self.evals else None,
+            self.policy.diverge_factor,
         )
         if reason:
             # A peer's request needs no echo; a rule that fired here is announced to everyone.
