@@ -191,8 +191,10 @@ def test_null_values_in_a_spec_file_mean_the_defaults(tmp_path, capsys):
 @pytest.mark.parametrize(
     ("extra", "rc", "ran"),
     [
-        (["--lr", "1e300"], 1, True),  # the theory section overflowed: a traceback after the run, report lost
-        (["--noise", "1e300"], 0, True),
+        # The theory section overflowed: a traceback after the run, report lost. Now the run also diverges
+        # (NaN/inf): exit code 3, with the report written.
+        (["--lr", "1e300"], 3, True),
+        (["--noise", "1e300"], 3, True),  # an infinite loss: diverged (exit 3; it exited 0 before)
         (["--crash", "0@0", "--crash", "1@0"], 1, False),  # no replica left: IndexError in the summary
         (["--crash-rate", "1e300"], 1, False),
     ],

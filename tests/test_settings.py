@@ -47,6 +47,10 @@ RUN_SAMPLES: dict[str, tuple[str | None, Any]] = {
     "drain_timeout": ("33", 33.0),
     "startup_timeout": ("44", 44.0),
     "audit": (None, True),
+    "diverge_factor": ("20", 20.0),
+    "theory": (None, False),
+    "plots": (None, False),
+    "tensorboard": (None, True),
     "run_dir": ("RUN", "RUN"),
 }
 SIM_SAMPLES: dict[str, tuple[str | None, Any]] = {

@@ -265,7 +265,7 @@ def divergence_point(runs: Sequence[Mapping[str, Any]]) -> str:
             text += f", {format_value(ev.get('gradients'))} gradients"
         if ev.get("metric") is not None:
             text += (
-                f", {ev['metric'].replace('_', ' ')} {format_value(ev.get('loss'))} "
+                f", last evaluated {ev['metric'].replace('_', ' ')} {format_value(ev.get('loss'))} "
                 f"(first evaluation: {format_value(ev.get('first_loss'))})"
             )
         parts.append(text)
