@@ -68,8 +68,20 @@ def build_parser() -> argparse.ArgumentParser:
     add_simulation_flags(simulate)
     simulate.add_argument("--no-progress", action="store_true", help="no progress bar")
     simulate.add_argument("--json", action="store_true", help="print the summary (a sweep: its rows) as JSON")
-    report = sub.add_parser("report", help="rebuild metrics.csv, plots and report.md of a run directory")
+    report = sub.add_parser(
+        "report",
+        help="rebuild metrics.csv, plots and report.md of a run directory",
+        description="Rebuild metrics.csv, plots/*.png and report.md (with the theory section's estimates) "
+        "from events.jsonl and summary.json: also what a run skipped at its end (--no-plots, --no-theory).",
+    )
     report.add_argument("run_dir", metavar="RUN_DIR")
+    report.add_argument("--no-theory", action="store_true", help="leave the theory section's estimates out")
+    report.add_argument("--no-plots", action="store_true", help="do not redraw plots/*.png")
+    report.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="also (re)write TensorBoard scalars to RUN_DIR/tensorboard (pip install 'dasgd[tensorboard]')",
+    )
     from dasgd.cli_compare import add_compare_parser
 
     add_compare_parser(sub)
@@ -431,18 +443,28 @@ def _sweep(args: argparse.Namespace) -> int:
 
 
 def _report(args: argparse.Namespace) -> int:
+    from dasgd.metrics.tensorboard import INSTALL_HINT, tensorboard_available
     from dasgd.runs.report import ReportError, rebuild_run_dir
+    from dasgd.runs.results import OutputOptions
 
     run_dir = Path(args.run_dir)
+    if args.tensorboard and not tensorboard_available():
+        print(
+            f"dasgd: error: --tensorboard: the tensorboard package is not installed: {INSTALL_HINT}",
+            file=sys.stderr,
+        )
+        return EXIT_USAGE
+    options = OutputOptions(plots=not args.no_plots, theory=not args.no_theory, tensorboard=args.tensorboard)
     try:
-        rebuild_run_dir(run_dir)  # all or nothing: a bad events.jsonl leaves the old outputs in place
+        rebuild_run_dir(run_dir, options=options)  # all or nothing: a bad events.jsonl leaves the old outputs
     except ReportError as exc:
         print(f"dasgd: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as exc:  # a full disk, say: the earlier outputs are back in place
         print(f"dasgd: report failed: {exc}; the earlier outputs were put back", file=sys.stderr)
         return EXIT_FAILED
-    print(f"rebuilt {run_dir / 'report.md'}, {run_dir / 'metrics.csv'} and {run_dir / 'plots'}")
+    extra = f" and {run_dir / 'tensorboard'}" if args.tensorboard else ""
+    print(f"rebuilt {run_dir / 'report.md'}, {run_dir / 'metrics.csv'} and {run_dir / 'plots'}{extra}")
     return EXIT_OK
 
 

@@ -27,6 +27,7 @@ from dasgd.metrics.plots import PLOT_FILES
 
 if TYPE_CHECKING:
     from dasgd.metrics.eventlog import EventLog
+    from dasgd.runs.results import OutputOptions
 
 __all__ = [
     "NA",
@@ -377,9 +378,13 @@ REBUILT = ("metrics.csv", "report.md", "plots")
 """What :func:`rebuild_run_dir` rewrites in a run directory."""
 
 
-def rebuild_run_dir(run_dir: str | os.PathLike[str]) -> list[Path]:
+def rebuild_run_dir(
+    run_dir: str | os.PathLike[str], *, options: OutputOptions | None = None
+) -> list[Path]:
     """Rebuild ``metrics.csv``, ``plots/`` and ``report.md`` of a run directory from ``events.jsonl`` and
-    ``summary.json`` (``dasgd report``); return those paths.
+    ``summary.json`` (``dasgd report``); return those paths. ``options`` (default: plots and the theory
+    section) may skip the plots or the theory's estimates, or add ``tensorboard/``: a run that skipped
+    them at its end (``--no-plots``, ``--no-theory``) gets them here.
 
     All or nothing: the inputs are read and checked before anything is written, and the old outputs are kept
     aside until the new ones are all written (put back if writing fails), so good outputs are never replaced
@@ -393,8 +398,10 @@ def rebuild_run_dir(run_dir: str | os.PathLike[str]) -> list[Path]:
     import tempfile
 
     from dasgd.metrics.eventlog import EventLogError, read_event_log
-    from dasgd.runs.results import render_run_dir
+    from dasgd.runs.results import OutputOptions, render_run_dir
 
+    options = options or OutputOptions()
+    rebuilt = REBUILT + (("tensorboard",) if options.tensorboard else ())
     run_dir = Path(run_dir)
     events = run_dir / "events.jsonl"
     kept = "the run directory was left as it was"
@@ -413,16 +420,16 @@ def rebuild_run_dir(run_dir: str | os.PathLike[str]) -> list[Path]:
     _read_summary(run_dir / "summary.json")  # a damaged summary.json is refused before anything is written
     aside = Path(tempfile.mkdtemp(prefix=".dasgd-report-", dir=run_dir))
     try:
-        for name in REBUILT:
+        for name in rebuilt:
             old = run_dir / name
             if old.is_dir():
                 shutil.copytree(old, aside / name)
             elif old.exists():
                 shutil.copy2(old, aside / name)
         try:
-            render_run_dir(run_dir, log=log)
+            render_run_dir(run_dir, log=log, options=options)
         except BaseException:
-            for name in REBUILT:
+            for name in rebuilt:
                 new, old = run_dir / name, aside / name
                 if new.is_dir() and not new.is_symlink():
                     shutil.rmtree(new, ignore_errors=True)
@@ -433,7 +440,7 @@ def rebuild_run_dir(run_dir: str | os.PathLike[str]) -> list[Path]:
             raise
     finally:
         shutil.rmtree(aside, ignore_errors=True)
-    return [run_dir / name for name in REBUILT]
+    return [run_dir / name for name in rebuilt]
 
 
 def format_summary(summary: Mapping[str, Any]) -> str:
