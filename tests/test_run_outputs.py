@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import sys
 from pathlib import Path
 
@@ -187,6 +188,23 @@ def test_torchrun_ranks_agree_on_a_new_directory_per_job(
     # --run-dir is used as it is, on every rank.
     monkeypatch.setenv("RANK", "1")
     assert _torchrun_run_dir(argparse.Namespace(run_dir="x", spec=None), spec) == Path("x")
+
+
+@pytest.mark.multiprocess
+def test_two_torchrun_jobs_without_run_dir_write_two_directories(tmp_path: Path) -> None:
+    import subprocess
+
+    torchrun = str(Path(sys.executable).parent / "torchrun")
+    cmd = [torchrun, "--standalone", "--nproc-per-node", "2", "-m", "dasgd", "train", "--task", "quadratic",
+           "--dim", "5", "--max-gradients", "100", "--no-theory", "--no-plots"]  # fmt: skip
+    for _ in range(2):
+        proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    dirs = sorted((tmp_path / "runs").iterdir())
+    assert len(dirs) == 2, dirs  # was: one runs/quadratic-torchrun, the second job refused or overwriting
+    for d in dirs:
+        assert re.fullmatch(r"quadratic-torchrun-[0-9a-f]{8}-\d{8}-\d{6}(-\d+)?", d.name), d.name
+        assert (d / "summary.json").is_file()
 
 
 # -- the end of a run: phases, --no-theory / --no-plots ---------------------------------------------------

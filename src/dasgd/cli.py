@@ -233,7 +233,9 @@ def _torchrun_run_dir(args: argparse.Namespace, spec: Any) -> Path:
     rank0 = int(os.environ["RANK"]) == 0
     run_id = os.environ.get("TORCHELASTIC_RUN_ID", "") or "none"
     restart = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-    tag = re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:12]
+    # torchrun --standalone makes up a UUID: its first 8 digits are enough to tell jobs apart by eye.
+    uuid = re.fullmatch(r"[0-9a-f]{8}-[0-9a-f-]{27}", run_id)
+    tag = run_id[:8] if uuid else re.sub(r"[^A-Za-z0-9._-]", "_", run_id)[:24]
 
     def new() -> Path:
         if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
