@@ -291,20 +291,25 @@ def simulation_progress(spec: Any, enabled: bool):
     from tqdm import tqdm
 
     by_gradients = spec.max_gradients is not None or spec.max_seconds is None
-    if by_gradients:
-        bar = tqdm(total=spec.max_gradients, unit="grad", desc="simulating", dynamic_ncols=True)
-    else:
-        bar = tqdm(
+    state: dict[str, Any] = {"open": True, "bar": None}
+
+    def make_bar() -> Any:
+        # Made at the first progress report, once the simulation runs (not while the task's data loads).
+        if by_gradients:
+            return tqdm(total=spec.max_gradients, unit="grad", desc="simulating", dynamic_ncols=True)
+        return tqdm(
             total=spec.max_seconds,
             desc="simulating",
             dynamic_ncols=True,
             bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} virtual s [{elapsed}{postfix}]",
         )
-    state = {"open": True}
 
     def update(progress: dict) -> None:
         if not state["open"]:
             return
+        if state["bar"] is None:
+            state["bar"] = make_bar()
+        bar = state["bar"]
         if "phase" in progress:  # the simulation is over; what follows is bookkeeping (its own bars)
             bar.set_description("simulated", refresh=False)
         value = progress.get("computed", 0) if by_gradients else progress.get("time", 0.0)
@@ -319,7 +324,8 @@ def simulation_progress(spec: Any, enabled: bool):
     def close_main() -> None:
         if state["open"]:
             state["open"] = False
-            bar.close()
+            if state["bar"] is not None:
+                state["bar"].close()
 
     phases = _Phases(close_main)
 
