@@ -28,7 +28,7 @@ from torch.distributed import TCPStore
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import read_stream
-from dasgd.runs.build import secret_key
+from dasgd.runs.build import secret_key, with_task_defaults
 from dasgd.runs.results import OutputOptions, PhaseCallback, run_log, summarize, write_run_outputs
 from dasgd.runs.summary import RunSummary
 
@@ -100,7 +100,8 @@ def launch_local(
     """
     secret_key(spec)  # an unset --secret-env variable is reported here (SpecError), not by every worker
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    # The stepsize and batch size actually used are written in: the workers read them back from this file.
+    (run_dir / "spec.yaml").write_text(with_task_defaults(spec).to_yaml())
     logs = run_dir / "logs"
     logs.mkdir(exist_ok=True)
     progress_dir = run_dir / "progress"

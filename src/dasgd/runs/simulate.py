@@ -18,7 +18,15 @@ import numpy as np
 
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
-from dasgd.runs.build import Resolved, build_sampler, build_task, build_worker, resolve, stop_policy
+from dasgd.runs.build import (
+    Resolved,
+    build_sampler,
+    build_task,
+    build_worker,
+    resolve,
+    stop_policy,
+    with_task_defaults,
+)
 from dasgd.runs.results import (
     OutputOptions,
     PhaseCallback,
@@ -174,7 +182,7 @@ def simulate(
     }
     summary = dataclasses.replace(summary, simulation=simulation)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "spec.yaml").write_text(spec.to_yaml())
+    (run_dir / "spec.yaml").write_text(with_task_defaults(spec).to_yaml())  # the lr and batch size used
     write_run_outputs(run_dir, summary, log, options=OutputOptions.of(spec), on_phase=on_phase)
     return summary
 

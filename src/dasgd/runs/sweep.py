@@ -356,7 +356,8 @@ def finished_summary(run_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
     another version of dasgd, and the rows read it key by key (every key optional).
 
     Finished means ``summary.json`` and ``report.md`` (the last file a run writes) exist and ``spec.yaml``
-    resolves to ``spec`` (ignoring ``run_dir``). Real and simulated runs write the same files.
+    resolves to ``spec`` (ignoring ``run_dir``; the task's default stepsize and batch size count as given).
+    Real and simulated runs write the same files.
     """
     d = Path(run_dir)
     if not all((d / f).is_file() for f in ("summary.json", "report.md", "spec.yaml")):
@@ -366,7 +367,16 @@ def finished_summary(run_dir: Path, spec: RunSpec) -> dict[str, Any] | None:
         summary = json.loads((d / "summary.json").read_text())
     except (SpecError, ValueError, OSError):
         return None  # unreadable or from another version: run it again
-    if dataclasses.replace(old, run_dir=None) != dataclasses.replace(spec, run_dir=None):
+    from dasgd.runs.build import with_task_defaults
+
+    try:
+        # spec.yaml records the stepsize and batch size used; a planned spec may leave them to the task.
+        same = dataclasses.replace(with_task_defaults(old), run_dir=None) == dataclasses.replace(
+            with_task_defaults(spec), run_dir=None
+        )
+    except SpecError:
+        return None
+    if not same:
         return None
     return summary if isinstance(summary, dict) else None
 
