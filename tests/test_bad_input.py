@@ -361,7 +361,7 @@ def test_report_rebuilds_a_good_run_and_puts_the_old_outputs_back_when_rendering
     assert (run / "metrics.csv").read_text() != "old\n"
     before = _snapshot(run)
 
-    def fail(run_dir, log=None):
+    def fail(run_dir, log=None, **options):
         (run_dir / "metrics.csv").write_text("half\n")
         raise OSError(28, "No space left on device")
 
