@@ -240,7 +240,7 @@ def _per_worker_lines(per_worker: Any) -> list[str]:
 
 
 def _evaluation_text(per_worker: Any) -> str:
-    """What evaluation cost each worker that evaluated in the background ("" if none did)."""
+    """What evaluation cost each worker that evaluated during the run ("" if none reports it)."""
     if not isinstance(per_worker, list):
         return ""
     parts = []
@@ -250,12 +250,14 @@ def _evaluation_text(per_worker: Any) -> str:
             continue
         share = _get(cost, "eval_cpu_share")
         share_text = f"{100 * share:.0f}% of one core" if isinstance(share, numbers.Real) else NA
+        background = _get(cost, "background") is not False
+        where = "of snapshots on a background thread" if background else "on its training thread"
         parts.append(
             f"worker {format_value(_get(entry, 'rank'))}: {format_value(_get(cost, 'evaluations'))} "
-            f"evaluations of snapshots on a background thread, {format_value(_get(cost, 'eval_s'))} s "
-            f"({format_value(_get(cost, 'eval_cpu_s'))} CPU s, {share_text} over the training time, shared "
-            f"with every worker on this machine); its training stopped {format_value(_get(cost, 'eval_pause_s'))} s "
-            "for them"
+            f"evaluations {where}, {format_value(_get(cost, 'eval_s'))} s "
+            f"({format_value(_get(cost, 'eval_cpu_s'))} CPU s, {share_text} over the training time"
+            + (", taken from the cores every worker here shares" if background else "")
+            + f"); its training stopped {format_value(_get(cost, 'eval_pause_s'))} s for them"
         )
     return "evaluation: " + "; ".join(parts) if parts else ""
 

@@ -43,8 +43,8 @@ def worker_shard(
     """One worker's end-of-run result (real or simulated): its gradient records, replica and counters.
 
     ``ledger`` None leaves the records out (a simulation keeps every worker's records in one table).
-    ``eval_cost``: what evaluating cost this worker (runtime/evaluation.py), for a worker that evaluated in
-    the background; left out of the shard when empty.
+    ``eval_cost``: what evaluating cost this worker (runtime/evaluation.py), for a worker that evaluated
+    during the run; left out of the shard when empty.
     """
     from dasgd.worker.replica import checksum
 
@@ -232,11 +232,12 @@ def summarize(
 
 
 def _evaluation_cost(meta: Mapping[str, Any], train_time: float) -> dict[str, Any]:
-    """``{"evaluation": ...}`` for a worker that evaluated in the background, else {} (the key stays absent)."""
+    """``{"evaluation": ...}`` for a worker that evaluated during the run, else {} (the key stays absent)."""
     cost = meta.get("eval_cost")
     if not cost:
         return {}
-    out = {k: (int(v) if k == "evaluations" else float(v)) for k, v in cost.items()}
+    kinds = {"evaluations": int, "background": bool}
+    out = {k: kinds.get(k, float)(v) for k, v in cost.items()}
     # The share of one core the evaluation thread took over the training time (the cores the workers share).
     out["eval_cpu_share"] = float(out.get("eval_cpu_s", 0.0)) / train_time if train_time > 0 else 0.0
     return {"evaluation": out}

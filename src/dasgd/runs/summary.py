@@ -142,9 +142,11 @@ class WorkerSummary:
     """Messages refused because they carried a NaN or an infinity, by origin rank: a peer whose replica
     diverged, or a faulty one. Absent in summaries written before this key existed."""
     evaluation: dict[str, float] | Unset = optional_field()
-    """What evaluating cost this worker, when it evaluated snapshots of its replica in the background (real
-    runs; absent otherwise): ``evaluations`` (count, the final one left out), ``eval_s`` (wall seconds they
-    ran, beside training), ``eval_cpu_s`` (CPU seconds of the evaluation thread, taken from the cores training
+    """What evaluating cost this worker, when it evaluated during a real run (absent otherwise: the other
+    workers, simulated runs, summaries written before this key existed): ``background`` (True: snapshots of
+    its replica evaluated on a background thread; False: on its training thread, all of ``eval_s`` lost to
+    training), ``evaluations`` (count, the final one after the drain left out), ``eval_s`` (wall seconds they
+    ran), ``eval_cpu_s`` (CPU seconds of the evaluation thread, taken from the cores training
     shares), ``eval_cpu_share`` (``eval_cpu_s`` / the training time) and ``eval_pause_s`` (seconds its training
     thread stopped for evaluation: taking snapshots, waiting for the last one)."""
     extra: dict[str, Any] = field(default_factory=dict)

@@ -63,8 +63,11 @@ class Snapshot:
 class EvaluationCost:
     """What the evaluations of one worker cost (seconds), as its summary entry reports them."""
 
+    background: bool = True
+    """Whether the evaluations ran on a background thread (else on the training thread: all of ``eval_s``
+    paused training)."""
     evaluations: int = 0
-    """Evaluations taken off the training thread (the final one, after the drain, is not counted)."""
+    """Evaluations taken during the run (the final one, after the drain, is not counted)."""
     eval_s: float = 0.0
     """Wall seconds the evaluations ran (on the evaluation thread, while training went on)."""
     eval_cpu_s: float = 0.0
@@ -72,9 +75,10 @@ class EvaluationCost:
     eval_pause_s: float = 0.0
     """Seconds the training thread itself spent on evaluation (snapshots, the wait for the last one)."""
 
-    def to_dict(self) -> dict[str, float | int]:
+    def to_dict(self) -> dict[str, float | int | bool]:
         """The counts as the summary stores them."""
         return {
+            "background": self.background,
             "evaluations": self.evaluations,
             "eval_s": self.eval_s,
             "eval_cpu_s": self.eval_cpu_s,

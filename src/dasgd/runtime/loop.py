@@ -8,13 +8,14 @@ runtime/evaluation.py), emulates a straggler, and reports progress.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 from dasgd.core.ledger import StalenessLedger
 from dasgd.runtime.clock import Clock
-from dasgd.runtime.evaluation import BackgroundEvaluator
+from dasgd.runtime.evaluation import BackgroundEvaluator, EvaluationCost
 from dasgd.transport.base import Transport
 from dasgd.worker.protocol import Compute, Finished, Phase, StopPolicy, WorkerProtocol
 from dasgd.worker.worker import Outgoing, Worker
@@ -94,6 +95,8 @@ class WorkerLoop:
         self.evaluate_model = evaluate_model
         self.background: BackgroundEvaluator | None = None
         """The background evaluator, once this worker took its first evaluation with ``evaluate_model``."""
+        self.inline_cost = EvaluationCost(background=False)
+        """What the evaluations on the training thread (``evaluator``) cost: all of it pauses training."""
         self.protocol: WorkerProtocol | None = None
 
     @property
@@ -154,7 +157,10 @@ class WorkerLoop:
         self._collect(p, block=True)
         if self.on_progress is not None:
             self.on_progress(self._progress(drain_end))
-        cost = {} if self.background is None else self.background.cost.to_dict()
+        if self.background is not None:
+            cost = self.background.cost.to_dict()
+        else:
+            cost = self.inline_cost.to_dict() if self.inline_cost.evaluations else {}
         if self.background is not None:
             self.background.close()
         return LoopResult(p.stop_reason, p.train_end, flushed, drain_end, p.evals, cost)
@@ -164,7 +170,15 @@ class WorkerLoop:
         if self.evaluate_model is None:
             if p.evaluation_due(now):
                 assert self.evaluator is not None
-                self._record(p.evaluated(now, self.evaluator(), finished=self.clock.now()))
+                w0, c0 = time.perf_counter(), time.thread_time()
+                metrics = self.evaluator()
+                spent = time.perf_counter() - w0
+                c = self.inline_cost
+                c.evaluations += 1
+                c.eval_s += spent
+                c.eval_pause_s += spent
+                c.eval_cpu_s += time.thread_time() - c0
+                self._record(p.evaluated(now, metrics, finished=self.clock.now()))
             return
         if self.background is None:
             self.background = BackgroundEvaluator(self.evaluate_model, self.worker.model, self.clock.now)
