@@ -258,6 +258,11 @@ def _evaluation_text(per_worker: Any) -> str:
             f"({format_value(_get(cost, 'eval_cpu_s'))} CPU s, {share_text} over the training time"
             + (", taken from the cores every worker here shares" if background else "")
             + f"); its training stopped {format_value(_get(cost, 'eval_pause_s'))} s for them"
+            + (
+                f", and it waited {format_value(_get(cost, 'eval_wait_s'))} s after its drain for the last one"
+                if background
+                else ""
+            )
         )
     return "evaluation: " + "; ".join(parts) if parts else ""
 

@@ -12,8 +12,8 @@ the replica held at the snapshot, so it describes the model that was evaluated.
 What it still costs is counted (:class:`EvaluationCost`) and reported per worker in the run's summary:
 the seconds the evaluations took, the CPU seconds the evaluation thread used (taken from the same cores the
 training threads run on: a 5th busy thread among 4 workers on 2 cores slows all of them a little, not one of
-them a lot), and the seconds the training thread itself spent on evaluation (taking snapshots, and at the
-end waiting for the last one).
+them a lot), the seconds the training thread itself spent on evaluation (taking snapshots), and the seconds
+the worker waited after its drain for the evaluation still in flight.
 
 One evaluation at a time: the next snapshot is taken only after the last one's metrics came back (and
 ``eval_every`` later, as before), so records stay in order and the evaluation thread is never queued up.
@@ -73,7 +73,11 @@ class EvaluationCost:
     eval_cpu_s: float = 0.0
     """CPU seconds the evaluation thread used: what evaluation took from the cores training shares."""
     eval_pause_s: float = 0.0
-    """Seconds the training thread itself spent on evaluation (snapshots, the wait for the last one)."""
+    """Seconds the training thread itself spent on evaluation during training (taking the snapshots; all of
+    ``eval_s`` on the training thread)."""
+    eval_wait_s: float = 0.0
+    """Seconds the worker waited, after its drain, for the evaluation still in flight (no gradient lost: it
+    delays the final evaluation and the end of the run)."""
 
     def to_dict(self) -> dict[str, float | int | bool]:
         """The counts as the summary stores them."""
@@ -83,6 +87,7 @@ class EvaluationCost:
             "eval_s": self.eval_s,
             "eval_cpu_s": self.eval_cpu_s,
             "eval_pause_s": self.eval_pause_s,
+            "eval_wait_s": self.eval_wait_s,
         }
 
 
@@ -104,6 +109,10 @@ class BackgroundEvaluator:
             model that holds the snapshot's parameters and buffers.
         model: the replica's module (copied once, at the first snapshot: the copy is what gets evaluated).
         clock: ``() -> float``, the driver's clock (for the time an evaluation is over).
+        threads: torch intra-op threads of the evaluation thread (default 1: an evaluation never takes more
+            than one core). With PyTorch's OpenMP backend the count is per calling thread, so this leaves the
+            training thread's own count alone; other backends keep one count per process, which is then left
+            as it is (the evaluation thread uses the training's).
 
     The training thread calls :meth:`submit` (returns at once) and :meth:`poll` (the finished evaluation, if
     any); :meth:`wait` blocks for the one in flight. An exception in ``evaluate`` is raised again by the
@@ -115,8 +124,10 @@ class BackgroundEvaluator:
         evaluate: Callable[[nn.Module], Mapping[str, float]],
         model: nn.Module,
         clock: Callable[[], float],
+        threads: int = 1,
     ) -> None:
         self._evaluate = evaluate
+        self._threads = threads
         self._source = model
         self._clock = clock
         self._model: nn.Module | None = None
@@ -166,7 +177,7 @@ class BackgroundEvaluator:
         except queue.Empty:
             return None
         finally:
-            self.cost.eval_pause_s += time.perf_counter() - t0
+            self.cost.eval_wait_s += time.perf_counter() - t0
         return self._collect(done)
 
     def close(self) -> None:
@@ -206,6 +217,8 @@ class BackgroundEvaluator:
                 b.copy_(s)
 
     def _run(self) -> None:
+        if torch.backends.openmp.is_available() and torch.get_num_threads() != self._threads:
+            torch.set_num_threads(self._threads)  # this thread's own count (see the class doc)
         while True:
             snapshot = self._jobs.get()
             if snapshot is None:

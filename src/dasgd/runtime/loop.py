@@ -35,8 +35,8 @@ class LoopResult:
     drain_end: float
     evals: list[dict] = field(default_factory=list)
     eval_cost: dict = field(default_factory=dict)
-    """What evaluating cost this worker (:class:`~dasgd.runtime.evaluation.EvaluationCost`), {} if it took
-    none in the background."""
+    """What evaluating cost this worker (:meth:`~dasgd.runtime.evaluation.EvaluationCost.to_dict`), {} if it
+    evaluated nothing during training."""
 
 
 def send_all(transport: Transport, outgoing: list[Outgoing]) -> None:
@@ -158,11 +158,10 @@ class WorkerLoop:
         if self.on_progress is not None:
             self.on_progress(self._progress(drain_end))
         if self.background is not None:
+            self.background.close()
             cost = self.background.cost.to_dict()
         else:
             cost = self.inline_cost.to_dict() if self.inline_cost.evaluations else {}
-        if self.background is not None:
-            self.background.close()
         return LoopResult(p.stop_reason, p.train_end, flushed, drain_end, p.evals, cost)
 
     def _evaluate(self, p: WorkerProtocol, now: float) -> None:
