@@ -159,11 +159,15 @@ def _table(task: str, setup: TaskSetup, rows: list[dict[str, Any]], ddp: dict[st
         else:
             shown = _fmt(t)
             ratio = _fmt(t / ddp_time, ".3f") + "x" if ddp_time else "n/a (DDP did not reach it)"
+            if ddp.get("skipped"):
+                ratio = "n/a (DDP not run)"
         lines.append(
             f"| {r['algorithm']} | {shown} | {_fmt(r.get('gradients_to_target'), '.0f')} "
             f"| {_fmt(r.get('final_accuracy'))} | {_fmt(r.get('s_avg'), '.2f')} "
             f"| {_fmt(r.get('samples_per_s'), '.0f')} | {ratio} |"
         )
+    if ddp.get("skipped"):
+        return lines
     lines.append(
         f"| PyTorch DDP | {_fmt(ddp_time) if ddp_time is not None else 'not reached'} "
         f"| {_fmt(ddp['gradients_to_target'], '.0f')} | {_fmt(ddp['last_test_accuracy'])} (last eval, 2,000 "
@@ -261,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             build_task(plan.base)
             resolved = resolve(plan.base)
             if args.no_ddp:
-                ddp = {"time_to_target_s": None, "gradients_to_target": None, "last_test_accuracy": None}
+                ddp = {
+                    "time_to_target_s": None,
+                    "gradients_to_target": None,
+                    "last_test_accuracy": None,
+                    "skipped": True,
+                }
             else:
                 print("  PyTorch DDP ...", end="", flush=True)
                 ddp = run_ddp(task, setup, resolved.lr, resolved.batch_size)
