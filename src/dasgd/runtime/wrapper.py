@@ -206,7 +206,7 @@ class DecentralizedSGD:
         self._trainable = [p for p in model.parameters() if p.requires_grad]
         self._watch = [(p, names.get(id(p), "?"), p.data_ptr(), p.dtype, p.device) for p in self._trainable]
         self._frozen = [(p, names.get(id(p), "?")) for p in model.parameters() if not p.requires_grad]
-        self._n_params = len(list(model.parameters()))
+        self._all_params = [(p, names.get(id(p), "?")) for p in model.parameters()]
         self._version = self._param_version()
         self._own_call = False
         self._hook = optimizer.register_step_pre_hook(self._on_optimizer_step)
@@ -312,6 +312,21 @@ class DecentralizedSGD:
 
     def _check_model(self) -> None:
         """Refuse, naming the change, a model that no longer lives in the wrapper's flat buffer."""
+        current = list(self.model.parameters())
+        if len(current) != len(self._all_params):
+            raise ModelChangedError(
+                "the model gained or lost parameters after wrapping: build the whole model first, then wrap it"
+            )
+        for new, (old, name) in zip(current, self._all_params):
+            if new is not old:
+                how = (
+                    f"model.to({str(new.device)!r}) after wrapping. Move the model first, then wrap it"
+                    if new.device != old.device
+                    else f"model.to({new.dtype}) after wrapping. Cast the model first, then wrap it"
+                    if new.dtype != old.dtype
+                    else "a new Parameter was assigned after wrapping. Set up the model first, then wrap it"
+                )
+                raise ModelChangedError(f"parameter {name!r} was replaced by another Parameter: {how}")
         for p, name, ptr, dtype, device in self._watch:
             if p.dtype != dtype:
                 raise ModelChangedError(
@@ -346,10 +361,6 @@ class DecentralizedSGD:
                     "parameters is fixed when wrapping. Unfreeze it before wrapping (give it lr 0 until it "
                     "should train)"
                 )
-        if len(list(self.model.parameters())) != self._n_params:
-            raise ModelChangedError(
-                "the model gained or lost parameters after wrapping: build the whole model first, then wrap it"
-            )
         if self._param_version() != self._version:
             before = "since wrapping" if self._steps == 0 else "since the last trainer.step()"
             raise OutsideWriteError(
@@ -562,10 +573,10 @@ class DecentralizedSGD:
         self._check_model()
         clock = np.asarray(state["clock"], dtype=np.int64).copy()
         # Every rank must load the same snapshot, or the replicas start apart: compare digests.
-        digest = hashlib.sha256(replica.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        digest = hashlib.sha256(_bytes(replica))
         digest.update(clock.tobytes())
         for name in sorted(theirs):
-            digest.update(theirs[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            digest.update(_bytes(theirs[name]))
         value = torch.tensor([int.from_bytes(digest.digest()[:7], "little")], dtype=torch.int64)
         hi, lo = value.clone(), value.clone()
         dist.all_reduce(hi, op=dist.ReduceOp.MAX, group=self.session.collective_group)
@@ -621,6 +632,10 @@ def _host(t: torch.Tensor) -> torch.Tensor:
     if x.is_floating_point():
         return x.double().clone()
     return x.long().clone()
+
+
+def _bytes(t: torch.Tensor) -> bytes:
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _write_back(t: torch.Tensor, host: torch.Tensor) -> None:
