@@ -98,9 +98,11 @@ def case_cast(arg: str) -> dict:
 
 
 def case_dtype(arg: str) -> dict:
-    dtype = getattr(torch, arg)
+    name, _, size = arg.partition(":")
+    dtype = getattr(torch, name)
     torch.manual_seed(0)
-    model = nn.Linear(8, 4).to(dtype)
+    width = int(size or 0)  # a hidden layer this wide: payloads large enough to travel detached
+    model = (nn.Sequential(nn.Linear(8, width), nn.Linear(width, 4)) if width else nn.Linear(8, 4)).to(dtype)
     opt = torch.optim.SGD(model.parameters(), lr=0.05)
     trainer = dasgd.DecentralizedSGD(model, opt)
     x, y = data(RANK)
