@@ -161,7 +161,7 @@ def test_3_a_dead_transport_thread_is_raised_at_the_next_step():
 # -- 4. 16-bit and other dtypes ----------------------------------------------------------------------------
 def test_4_a_bfloat16_model_finishes_with_a_report():
     """Was: a bf16 model crashed in finish() (np.dtype("bfloat16")) with no report, transport left open."""
-    for res in two_ranks("dtype", "bfloat16:8000")  # 96k parameters: payloads travel detached:
+    for res in two_ranks("dtype", "bfloat16:8000"):  # 96k parameters: payloads travel detached
         assert "error" not in res, res
         rep = res["report"]
         assert rep["replicas_agree"] and rep["applied"] == 60 and rep["lost"] == 0
