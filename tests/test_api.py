@@ -77,3 +77,24 @@ def test_the_cli_still_names_its_flags(tmp_path, capsys):
 
     assert main(["train", "--task", "quadratic", "--straggler", "9x2", "--workers", "2"]) == 2
     assert "--straggler" in capsys.readouterr().err
+
+
+def test_help_shows_the_wrapper_its_report_train_and_the_errors():
+    import pydoc
+
+    text = pydoc.render_doc(dasgd, renderer=pydoc.plaintext)
+    for name in ("DecentralizedSGD", "FinishReport", "train", "DasgdError", "SpecError", "ModelChangedError"):
+        assert name in dasgd.__all__
+        assert f"class {name}" in text or f"{name}(" in text, name
+
+
+def test_every_exported_error_is_a_dasgd_error_and_the_builtin_a_caller_expects():
+    errors = [getattr(dasgd, n) for n in dasgd.__all__ if n.endswith(("Error", "Failed", "Timeout"))]
+    assert len(errors) >= 12
+    for cls in errors:
+        assert issubclass(cls, dasgd.DasgdError), cls
+        assert issubclass(cls, ValueError | RuntimeError | TimeoutError | FloatingPointError) or cls is (
+            dasgd.DasgdError
+        ), cls
+    assert issubclass(dasgd.SpecError, ValueError) and issubclass(dasgd.DrainTimeoutError, TimeoutError)
+    assert issubclass(dasgd.DivergedError, FloatingPointError) and issubclass(dasgd.RunFailed, RuntimeError)

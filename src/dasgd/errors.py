@@ -1,9 +1,13 @@
-"""The exceptions dasgd raises from :class:`dasgd.DecentralizedSGD` (and the transport failures it surfaces).
+"""The exceptions dasgd raises on purpose, all derived from :class:`DasgdError`.
 
-Every one derives from :class:`DasgdError`, so ``except dasgd.errors.DasgdError`` catches them all, and each
-also derives from the builtin a caller would naturally expect, so existing ``except ValueError`` (bad setup),
-``except RuntimeError`` (the model changed under the wrapper), ``except TimeoutError`` (the end-of-run drain)
-or ``except FloatingPointError`` (divergence) keeps working.
+``except dasgd.DasgdError`` catches every one of them; each also derives from the builtin a caller would
+naturally expect, so existing ``except ValueError`` (bad setup or input), ``except RuntimeError`` (the model
+changed under the wrapper, a worker process failed), ``except TimeoutError`` (the end-of-run drain) or
+``except FloatingPointError`` (divergence) keeps working. Defined here: the wrapper's
+(:class:`dasgd.DecentralizedSGD`) and the transport failures it surfaces. Defined beside the code that raises
+them and exported from ``dasgd`` as well: ``SpecError`` (a bad spec value or argument, naming it),
+``RunFailed`` (a worker process of :func:`dasgd.train` failed), ``StartupTimeout`` (workers did not join in
+time), and the input errors of the simulator's models, event logs, topologies, algorithms and wire format.
 
 This module imports nothing from dasgd: any layer may raise these.
 """
