@@ -19,7 +19,11 @@ algorithm, time and gradients to target, final test accuracy, S_avg, samples/s, 
 DDP's (below 1: faster than DDP). One run per variant (time to target is noisy: see benchmarks/README.md).
 
     python benchmarks/bench_compare.py [--quick] [--tasks mnist-logreg,fashion-cnn] [--algorithms a,b]
-                                       [--eval-every S] [--keep DIR] [--out results.json]
+                                       [--eval-every S] [--no-ddp] [--keep DIR] [--out results.json]
+
+``--no-ddp`` skips the DDP baseline (its column reads n/a): to re-measure dasgd's rows alone, e.g. the
+fashion-cnn row with ``--tasks fashion-cnn --algorithms dasgd --no-ddp``. Each run's per-worker gradient counts
+(and what evaluation cost the evaluating worker) are printed under the table.
 
 ``--quick`` lowers the targets (0.85 and 0.6) and the budgets (8 s and 15 s), to show that everything runs;
 each run also pays about 10 s of process start-up and dataset loading, so with 7 algorithms it took 7 minutes
@@ -155,17 +159,49 @@ def _table(task: str, setup: TaskSetup, rows: list[dict[str, Any]], ddp: dict[st
         else:
             shown = _fmt(t)
             ratio = _fmt(t / ddp_time, ".3f") + "x" if ddp_time else "n/a (DDP did not reach it)"
+            if ddp.get("skipped"):
+                ratio = "n/a (DDP not run)"
         lines.append(
             f"| {r['algorithm']} | {shown} | {_fmt(r.get('gradients_to_target'), '.0f')} "
             f"| {_fmt(r.get('final_accuracy'))} | {_fmt(r.get('s_avg'), '.2f')} "
             f"| {_fmt(r.get('samples_per_s'), '.0f')} | {ratio} |"
         )
+    if ddp.get("skipped"):
+        return lines
     lines.append(
         f"| PyTorch DDP | {_fmt(ddp_time) if ddp_time is not None else 'not reached'} "
         f"| {_fmt(ddp['gradients_to_target'], '.0f')} | {_fmt(ddp['last_test_accuracy'])} (last eval, 2,000 "
         f"samples) | 0 | n/a | 1x |"
     )
     return lines
+
+
+def _worker_lines(compare_dir: Path) -> list[str]:
+    """Each run's gradients computed per worker, and what evaluating cost its evaluating worker."""
+    import json
+
+    lines = []
+    for summary_path in sorted(compare_dir.glob("**/summary.json")):
+        try:
+            summary = json.loads(summary_path.read_text())
+        except (OSError, ValueError):
+            continue
+        per_worker = summary.get("per_worker") or []
+        if not per_worker:
+            continue
+        counts = ", ".join(f"{w['rank']}: {w['computed']}" for w in per_worker)
+        costs = [
+            f"worker {w['rank']} evaluated {w['evaluation'].get('evaluations')} times, "
+            f"{w['evaluation'].get('eval_s', 0.0):.1f} s, {w['evaluation'].get('eval_cpu_s', 0.0):.1f} CPU s, "
+            f"training paused {w['evaluation'].get('eval_pause_s', 0.0):.3f} s"
+            for w in per_worker
+            if isinstance(w.get("evaluation"), dict)
+        ]
+        run = summary_path.parent.relative_to(compare_dir)
+        lines.append(
+            f"- `{run}`: gradients computed per worker {{{counts}}}" + (f"; {costs[0]}" if costs else "")
+        )
+    return ["", *lines] if lines else []
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -175,6 +211,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tasks", default="mnist-logreg,fashion-cnn", help="comma-separated tasks")
     parser.add_argument("--algorithms", help="comma-separated algorithms (default: every registered one)")
     parser.add_argument("--eval-every", type=float, help="seconds between evaluations (default per task)")
+    parser.add_argument("--no-ddp", action="store_true", help="skip the PyTorch DDP baseline")
     parser.add_argument("--keep", metavar="DIR", help="keep the comparison directories under DIR")
     parser.add_argument("--out", help="write the results as JSON to this file")
     args = _common.parse_args_or_run_ddp_child(parser, argv)
@@ -227,10 +264,18 @@ def main(argv: list[str] | None = None) -> int:
             rows, plan = run_algorithms(task, setup, algorithms, root / task)
             build_task(plan.base)
             resolved = resolve(plan.base)
-            print("  PyTorch DDP ...", end="", flush=True)
-            ddp = run_ddp(task, setup, resolved.lr, resolved.batch_size)
-            print(" done", flush=True)
-            tables += [*_table(task, setup, rows, ddp), ""]
+            if args.no_ddp:
+                ddp = {
+                    "time_to_target_s": None,
+                    "gradients_to_target": None,
+                    "last_test_accuracy": None,
+                    "skipped": True,
+                }
+            else:
+                print("  PyTorch DDP ...", end="", flush=True)
+                ddp = run_ddp(task, setup, resolved.lr, resolved.batch_size)
+                print(" done", flush=True)
+            tables += [*_table(task, setup, rows, ddp), *_worker_lines(root / task), ""]
             results[task] = {
                 "setup": setup.__dict__,
                 "lr": resolved.lr,

@@ -75,28 +75,11 @@ def _worker_pids(run_dir: Path) -> dict[int, int]:
     return pids
 
 
-def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
-    run_dir = tmp_path / "run"
+def train_and_kill(run_dir: Path, args: list[str], rank: int, after: int | None, timeout: float):  # noqa: ANN201
+    """Start ``dasgd train ARGS`` and SIGKILL worker ``rank`` once it computed more than ``after`` gradients
+    (None: as soon as its process exists, before it can join). Returns (return code, stderr)."""
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "dasgd",
-            "train",
-            "--task",
-            "quadratic",
-            "--dim",
-            "20",
-            "--workers",
-            "3",
-            "--max-seconds",
-            "8",
-            "--audit",  # small gradients (20 floats), so the audit trail stays a few MB
-            "--run-dir",
-            str(run_dir),
-            "--no-progress",
-            "--json",
-        ],
+        [sys.executable, "-m", "dasgd", "train", *args, "--run-dir", str(run_dir), "--no-progress", "--json"],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
@@ -105,17 +88,29 @@ def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
     try:
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
-            progress = run_dir / "progress" / "rank2.json"
-            if progress.exists() and json.loads(progress.read_text() or "{}").get("computed", 0) > 20:
-                break
-            time.sleep(0.2)
+            if after is None:
+                if rank in _worker_pids(run_dir):
+                    break
+            else:
+                progress = run_dir / "progress" / f"rank{rank}.json"
+                if progress.exists() and json.loads(progress.read_text() or "{}").get("computed", 0) > after:
+                    break
+            time.sleep(0.01 if after is None else 0.05)
         pids = _worker_pids(run_dir)
-        assert 2 in pids, pids
-        os.kill(pids[2], signal.SIGKILL)
-        out, err = proc.communicate(timeout=120)
+        assert rank in pids, pids
+        os.kill(pids[rank], signal.SIGKILL)
+        _, err = proc.communicate(timeout=timeout)
     finally:
         if proc.poll() is None:
             proc.kill()
+    return proc.returncode, err
+
+
+def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
+    run_dir = tmp_path / "run"
+    # Small gradients (20 floats), so the audit trail stays a few MB.
+    args = ["--task", "quadratic", "--dim", "20", "--workers", "3", "--max-seconds", "8", "--audit"]
+    returncode, _ = train_and_kill(run_dir, args, rank=2, after=20, timeout=120)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dead_workers"] == [2]
     assert summary["failed_workers"] == {"2": -9}
@@ -123,7 +118,7 @@ def test_a_dead_worker_does_not_stall_the_survivors(tmp_path):
     assert summary["stop_reason"] == "max_seconds"  # they trained to the end of the budget
     survivors = [w for w in summary["per_worker"] if w["rank"] in (0, 1)]
     assert all(w["computed"] > 100 for w in survivors)
-    assert proc.returncode == 1  # the run reports that it is not a clean one
+    assert returncode == 1  # the run reports that it is not a clean one
     # The independent oracle: both survivors recomputed from the gradients (the dead worker's as far as it
     # wrote them) and their histories; no id applied twice, every survivor's gradient held by both.
     report = check_run(run_dir)

@@ -85,7 +85,13 @@ def test_a_real_runs_summary_round_trips_and_reports_failed_workers(tmp_path):
 def test_every_key_of_a_run_with_every_optional_key_is_a_field(target_run):
     summary, _ = target_run
     assert summary.target_accuracy == 0.999 and summary.simulation  # the run set these two itself
-    full = dataclasses.replace(summary, failed_workers={"1": -9}, target_loss=0.5)
+    # A simulated run charges nothing for evaluation: no worker has an evaluation entry (real runs' evaluating
+    # worker does).
+    assert all("evaluation" not in entry for entry in summary.to_dict()["per_worker"])
+    workers = [
+        dataclasses.replace(w, evaluation={"evaluations": 1, "eval_s": 0.5}) for w in summary.per_worker
+    ]
+    full = dataclasses.replace(summary, failed_workers={"1": -9}, target_loss=0.5, per_worker=workers)
     out = full.to_dict()
     assert sorted(out) == sorted(FIELDS)  # every field a key, and no key that is not a field
     assert full.extra == {}

@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from test_multiprocess import train_and_kill
 from torch import nn
 
 from dasgd.algorithms import DASGD
@@ -134,46 +135,6 @@ def test_the_replicas_of_a_rerouted_ring_stay_close_to_each_other():
     assert np.isfinite(spread) and spread < 0.05 * max(scale, 1.0), (spread, scale)
 
 
-def _train_and_kill(run_dir, args: list[str], rank: int, after: int | None, timeout: float):  # noqa: ANN001, ANN202
-    """Start ``dasgd train ARGS`` and SIGKILL worker ``rank`` once it computed more than ``after`` gradients
-    (None: as soon as its process exists, before it can join). Returns (return code, stderr)."""
-    import json
-    import os
-    import signal
-    import subprocess
-    import sys
-    import time
-
-    from test_multiprocess import ENV, _worker_pids
-
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "dasgd", "train", *args, "--run-dir", str(run_dir), "--no-progress", "--json"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=ENV,
-    )
-    try:
-        deadline = time.monotonic() + 60
-        while time.monotonic() < deadline:
-            if after is None:
-                if rank in _worker_pids(run_dir):
-                    break
-            else:
-                progress = run_dir / "progress" / f"rank{rank}.json"
-                if progress.exists() and json.loads(progress.read_text() or "{}").get("computed", 0) > after:
-                    break
-            time.sleep(0.01 if after is None else 0.05)
-        pids = _worker_pids(run_dir)
-        assert rank in pids, pids
-        os.kill(pids[rank], signal.SIGKILL)
-        _, err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-    return proc.returncode, err
-
-
 def test_real_processes_on_a_ring_route_around_a_killed_forwarder(tmp_path):
     """The issue's repro with real processes: kill -9 worker 1 of a 4-ring mid-run. Before rerouting, worker 0
     stopped getting worker 2's gradients (and 2 stopped getting 0's): thousands were lost, the drain timed
@@ -182,7 +143,7 @@ def test_real_processes_on_a_ring_route_around_a_killed_forwarder(tmp_path):
 
     run_dir = tmp_path / "run"
     args = ["--task", "quadratic", "--dim", "20", "--workers", "4", "--topology", "ring", "--max-seconds", "6"]
-    _, err = _train_and_kill(run_dir, args, rank=1, after=50, timeout=120)
+    _, err = train_and_kill(run_dir, args, rank=1, after=50, timeout=120)
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dead_workers"] == [1] and summary["drained"], err
     assert summary["cut_apart"] == []
@@ -204,7 +165,7 @@ def test_killing_worker_0_leaves_evaluation_the_target_stop_and_the_run_director
 
     run_dir = tmp_path / "run"
     args = ["--task", "digits-logreg", "--workers", "3", "--lr", "0.01", "--target-accuracy", "0.95"]
-    _, err = _train_and_kill(run_dir, args, rank=0, after=30, timeout=150)  # no takeover: it would never stop
+    _, err = train_and_kill(run_dir, args, rank=0, after=30, timeout=150)  # no takeover: it would never stop
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["dead_workers"] == [0] and summary["stop_reason"] == "target_accuracy", err
     assert summary["final_metrics"]["test_accuracy"] >= 0.9
@@ -244,7 +205,7 @@ def test_a_worker_killed_at_start_up_fails_the_run_within_the_start_up_timeout_n
 
     args = ["--task", "quadratic", "--workers", "3", "--max-seconds", "3", "--startup-timeout", "4"]
     t0 = time.monotonic()
-    rc, err = _train_and_kill(tmp_path / "run", args, rank=2, after=None, timeout=90)
+    rc, err = train_and_kill(tmp_path / "run", args, rank=2, after=None, timeout=90)
     assert rc == 1
     assert "worker 2 was killed by signal 9" in err
     assert "worker(s) 2 did not reach start-up stage 'joined' within 4 s" in err

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from dasgd.algorithms.effects import Effect, Reject
+from dasgd.errors import DasgdError
 
 if TYPE_CHECKING:
     from dasgd.core.message import Message
@@ -70,7 +71,7 @@ class WorkerView(Protocol):
         ...
 
 
-class AlgorithmError(ValueError):
+class AlgorithmError(DasgdError, ValueError):
     """The run's setup does not suit the algorithm (e.g. a topology it cannot use)."""
 
 

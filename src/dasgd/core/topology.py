@@ -45,6 +45,8 @@ from typing import NamedTuple, overload
 
 import numpy as np
 
+from dasgd.errors import DasgdError
+
 __all__ = [
     "SurvivorRoutes",
     "Topology",
@@ -67,7 +69,7 @@ _REGULAR_ATTEMPTS = 100
 _ACCEPTED_FORMS = "complete, ring, torus, torus:RxC, random-regular:D, edges:PATH"
 
 
-class TopologyError(ValueError):
+class TopologyError(DasgdError, ValueError):
     """A topology is malformed, disconnected, or cannot be built as specified."""
 
 

@@ -104,6 +104,7 @@ import numpy as np
 import torch
 
 from dasgd.core.message import Kind, Message
+from dasgd.errors import DasgdError
 
 __all__ = [
     "DIGEST_SIZE",
@@ -284,7 +285,7 @@ class Decoded(NamedTuple):
     header: Header
 
 
-class WireError(ValueError):
+class WireError(DasgdError, ValueError):
     """Received bytes were rejected: drop the message and count it under :attr:`reason`.
 
     Attributes:

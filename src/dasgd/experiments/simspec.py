@@ -142,13 +142,16 @@ def _num(key: str, value: Any, kind=float, allow_inf: bool = False) -> Any:
 
 def resolve_sim_spec(values: dict[str, Any] | None, workers: int) -> SimSpec:
     """Validate the simulation mapping for a run of ``workers`` workers."""
-    from dasgd.experiments.spec import MAX_SLOWDOWN
+    from dasgd.experiments.spec import MAX_SLOWDOWN, SpecError
 
     values = dict(values or {})
     known = {f.name for f in dataclasses.fields(SimSpec)}
     unknown = sorted(set(values) - known)
     if unknown:
-        raise _error(unknown[0], f"unknown simulation key; known keys: {', '.join(sorted(known))}")
+        # Only a spec file's simulation mapping can hold an unknown key: name it as written there.
+        raise SpecError(
+            f"simulation.{unknown[0]}", f"unknown simulation key; known keys: {', '.join(sorted(known))}"
+        )
     kw: dict[str, Any] = {}
     for key, value in values.items():
         if value is None:

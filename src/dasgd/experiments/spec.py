@@ -17,6 +17,7 @@ from typing import Any
 import yaml
 
 from dasgd.core.message import MAX_GRADIENTS_PER_MESSAGE
+from dasgd.errors import DasgdError
 from dasgd.experiments.settings import flag_of, kind_of, setting
 from dasgd.experiments.simspec import SimSpec, resolve_sim_spec
 
@@ -26,7 +27,7 @@ DATA_MODES = ("shared", "shards")
 DEVICES = ("cpu", "cuda")
 
 
-class SpecError(ValueError):
+class SpecError(DasgdError, ValueError):
     """A spec value is invalid. ``flag`` is the CLI flag (or YAML key) at fault."""
 
     def __init__(self, flag: str, message: str) -> None:

@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from dasgd.core.rows import RowBlocks
+from dasgd.errors import DasgdError
 
 if TYPE_CHECKING:
     from dasgd.core.ledger import StalenessStats
@@ -59,7 +60,7 @@ _RUN_RESERVED_KEYS: frozenset[str] = frozenset({"type", "event", "time"})
 _FLUSH_LINES = 4096
 
 
-class EventLogError(ValueError):
+class EventLogError(DasgdError, ValueError):
     """An event log line or an event passed to a writer is malformed."""
 
 

@@ -35,6 +35,10 @@ __all__ = ["run_process", "PROGRESS_DIR_ENV", "RESULTS_DIR_ENV"]
 
 PROGRESS_DIR_ENV = "DASGD_PROGRESS_DIR"
 RESULTS_DIR_ENV = "DASGD_RESULTS_DIR"
+EVAL_INLINE_ENV = "DASGD_EVAL_INLINE"
+"""Set to 1: evaluate on the training thread, as before evaluation moved off it (for measurements)."""
+EVAL_DELAY_ENV = "DASGD_EVAL_DELAY"
+"""Seconds added to each evaluation during training (tests: an evaluation made expensive)."""
 
 
 def _threads_per_worker() -> int:
@@ -126,8 +130,16 @@ def run_process(
         stream = RecordStream(results_dir, rank, spec.workers, flush_every=0.0) if results_dir else None
         ledger = StalenessLedger(spec.workers) if stream is None else StreamedLedger(spec.workers, stream)
         # Every worker can evaluate; the loop lets only the lowest live rank do it, so evaluation and the
-        # target-accuracy stop survive the death of worker 0.
-        evaluator = lambda: task.evaluate(worker.model, full=False)  # noqa: E731
+        # target-accuracy stop survive the death of worker 0. It evaluates a snapshot of its replica on a
+        # background thread, so evaluating does not make it a straggler (runtime/evaluation.py).
+        delay = float(os.environ.get(EVAL_DELAY_ENV) or 0.0)
+
+        def evaluate_model(model: torch.nn.Module) -> dict[str, float]:
+            if delay > 0:
+                time.sleep(delay)
+            return task.evaluate(model, full=False)
+
+        inline = os.environ.get(EVAL_INLINE_ENV) == "1"
         policy = stop_policy(spec, task, simulated=False)
         loop = WorkerLoop(
             worker,
@@ -135,10 +147,11 @@ def run_process(
             clock,
             ledger,
             policy,
-            evaluator,
+            (lambda: evaluate_model(worker.model)) if inline else None,
             on_progress,
             slowdown=spec.slowdown(rank),
             on_evaluation=stream.evaluation if stream is not None else None,
+            evaluate_model=None if inline else evaluate_model,
         )
         result = loop.run()
         if worker.audit is not None:
@@ -162,6 +175,7 @@ def run_process(
             task_info=task.describe(),  # every shard: the run's description survives any one death
             batch_size=resolved.batch_size,
             lr=resolved.lr,
+            eval_cost=result.eval_cost,
         )
         if results_dir is not None:
             # Embedded launcher: results go to files, so a dead worker cannot hang a collective; the

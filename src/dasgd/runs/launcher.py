@@ -25,6 +25,7 @@ from pathlib import Path
 
 from torch.distributed import TCPStore
 
+from dasgd.errors import DasgdError
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import read_stream
@@ -35,7 +36,7 @@ from dasgd.runs.summary import RunSummary
 __all__ = ["RunFailed", "launch_local", "host_store", "store_env"]
 
 
-class RunFailed(RuntimeError):
+class RunFailed(DasgdError, RuntimeError):
     """A worker process failed; the message holds the tail of its log."""
 
 

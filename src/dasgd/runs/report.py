@@ -6,7 +6,8 @@ they mean are documented in one place, the fields of :class:`dasgd.runs.summary.
 here are :data:`SUMMARY_KEYS`. Every key is optional: a missing key, or one of an unexpected type, renders as
 ``n/a``; rendering never fails on content. Of ``staleness`` the report shows ``s_avg``, ``s_max``,
 ``loose_avg``, ``loose_max``, and ``anomalies`` when present; of each ``per_worker`` entry ``rank``,
-``computed``, ``applied``, ``rejected``, ``sent_messages`` and ``sent_bytes``.
+``computed``, ``applied``, ``rejected``, ``sent_messages`` and ``sent_bytes``, and ``evaluation`` (what
+evaluating cost the worker that evaluated) in a line under the table and in the terminal summary.
 
 Numbers are formatted by :func:`format_value`: integers in full, other numbers with 4 significant digits.
 """
@@ -233,7 +234,38 @@ def _per_worker_lines(per_worker: Any) -> list[str]:
             format_value(_get(entry, "sent_bytes")),
         ]
         lines.append("| " + " | ".join(_cell(c) for c in cells) + " |")
+    evaluation = _evaluation_text(per_worker)
+    if evaluation:
+        lines += ["", evaluation[0].upper() + evaluation[1:] + "."]
     return lines
+
+
+def _evaluation_text(per_worker: Any) -> str:
+    """What evaluation cost each worker that evaluated during the run ("" if none reports it)."""
+    if not isinstance(per_worker, list):
+        return ""
+    parts = []
+    for entry in per_worker:
+        cost = _get(entry, "evaluation")
+        if not isinstance(cost, Mapping):
+            continue
+        share = _get(cost, "eval_cpu_share")
+        share_text = f"{100 * share:.0f}% of one core" if isinstance(share, numbers.Real) else NA
+        background = _get(cost, "background") is not False
+        where = "of snapshots on a background thread" if background else "on its training thread"
+        parts.append(
+            f"worker {format_value(_get(entry, 'rank'))}: {format_value(_get(cost, 'evaluations'))} "
+            f"evaluations {where}, {format_value(_get(cost, 'eval_s'))} s "
+            f"({format_value(_get(cost, 'eval_cpu_s'))} CPU s, {share_text} over the training time"
+            + (", taken from the cores every worker here shares" if background else "")
+            + f"); its training stopped {format_value(_get(cost, 'eval_pause_s'))} s for them"
+            + (
+                f", and it waited {format_value(_get(cost, 'eval_wait_s'))} s after its drain for the last one"
+                if background
+                else ""
+            )
+        )
+    return "evaluation: " + "; ".join(parts) if parts else ""
 
 
 def _plot_lines(run_dir: Path) -> list[str]:
@@ -468,4 +500,5 @@ def format_summary(summary: Mapping[str, Any]) -> str:
         f"{format_value(summary.get('wall_time_s'))} s ({unit}), "
         f"{format_value(summary.get('samples_per_s'))} samples/s"
     )
-    return "\n".join([head, grads, stale, result])
+    evaluation = _evaluation_text(summary.get("per_worker"))
+    return "\n".join([head, grads, stale, result, *([evaluation] if evaluation else [])])

@@ -47,10 +47,13 @@ def worker_shard(
     task_info: dict,
     batch_size: int,
     lr: float,
+    eval_cost: dict | None = None,
 ) -> WorkerShard:
     """One worker's end-of-run result (real or simulated): its gradient records, replica and counters.
 
     ``ledger`` None leaves the records out (a simulation keeps every worker's records in one table).
+    ``eval_cost``: what evaluating cost this worker (runtime/evaluation.py), for a worker that evaluated
+    during the run; left out of the shard when empty.
     """
     from dasgd.worker.replica import checksum
 
@@ -88,6 +91,7 @@ def worker_shard(
             "task_info": task_info,
             "batch_size": batch_size,
             "lr": lr,
+            **({"eval_cost": dict(eval_cost)} if eval_cost else {}),
         },
     )
 
@@ -189,6 +193,7 @@ def summarize(
                 compute_s_per_gradient=float(steps[s.meta["rank"]]),
                 unreachable=list(s.meta.get("unreachable", [])),
                 non_finite_from=dict(s.meta.get("non_finite_from", {})),
+                **_evaluation_cost(s.meta, train_time),
             )
         )
     target_accuracy, time_to_target, gradients_to_target = _to_target(
@@ -233,6 +238,18 @@ def summarize(
         faithful=_faithful(spec.algorithm) and spec.data == "shared",
         notes=spec.notes,
     )
+
+
+def _evaluation_cost(meta: Mapping[str, Any], train_time: float) -> dict[str, Any]:
+    """``{"evaluation": ...}`` for a worker that evaluated during the run, else {} (the key stays absent)."""
+    cost = meta.get("eval_cost")
+    if not cost:
+        return {}
+    kinds = {"evaluations": int, "background": bool}
+    out = {k: kinds.get(k, float)(v) for k, v in cost.items()}
+    # The share of one core the evaluation thread took over the training time (the cores the workers share).
+    out["eval_cpu_share"] = float(out.get("eval_cpu_s", 0.0)) / train_time if train_time > 0 else 0.0
+    return {"evaluation": out}
 
 
 def _survivor_groups(shards: list[WorkerShard]) -> list[list[int]]:

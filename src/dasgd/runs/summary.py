@@ -141,6 +141,15 @@ class WorkerSummary:
     non_finite_from: dict[str, int] | Unset = optional_field()
     """Messages refused because they carried a NaN or an infinity, by origin rank: a peer whose replica
     diverged, or a faulty one. Absent in summaries written before this key existed."""
+    evaluation: dict[str, float] | Unset = optional_field()
+    """What evaluating cost this worker, when it evaluated during a real run (absent otherwise: the other
+    workers, simulated runs, summaries written before this key existed): ``background`` (True: snapshots of
+    its replica evaluated on a background thread; False: on its training thread, all of ``eval_s`` lost to
+    training), ``evaluations`` (count, the final one after the drain left out), ``eval_s`` (wall seconds they
+    ran), ``eval_cpu_s`` (CPU seconds of the evaluation thread, taken from the cores training
+    shares), ``eval_cpu_share`` (``eval_cpu_s`` / the training time), ``eval_pause_s`` (seconds its training
+    thread stopped for evaluation while training: taking snapshots, or all of ``eval_s`` on the training
+    thread) and ``eval_wait_s`` (seconds it waited after its drain for the evaluation still in flight)."""
     extra: dict[str, Any] = field(default_factory=dict)
     """Keys this version does not know (read from another version's file); written back after the others."""
 
@@ -150,8 +159,13 @@ class WorkerSummary:
         _check(self, self._NAMES)
 
     def to_dict(self) -> dict[str, Any]:
-        """The entry as ``summary.json`` holds it: the fields in order, then ``extra``."""
-        out = {f.name: getattr(self, f.name) for f in _key_fields(type(self))}
+        """The entry as ``summary.json`` holds it: the fields in order (those not :data:`UNSET`), then
+        ``extra``."""
+        out = {
+            f.name: getattr(self, f.name)
+            for f in _key_fields(type(self))
+            if getattr(self, f.name) is not UNSET
+        }
         out.update(self.extra)
         return out
 

@@ -2,16 +2,20 @@
 
 The protocol (worker/protocol.py) decides everything a worker does: when it stops, when it computes or
 waits, how it drains. This loop only carries its actions out in real (or any injected) time, evaluates the
-replica when the protocol says it is due, emulates a straggler, and reports progress.
+replica when the protocol says it is due (on a snapshot, in the background, when given ``evaluate_model``:
+runtime/evaluation.py), emulates a straggler, and reports progress.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import Any
 
 from dasgd.core.ledger import StalenessLedger
 from dasgd.runtime.clock import Clock
+from dasgd.runtime.evaluation import BackgroundEvaluator, EvaluationCost
 from dasgd.transport.base import Transport
 from dasgd.worker.protocol import Compute, Finished, Phase, StopPolicy, WorkerProtocol
 from dasgd.worker.worker import Outgoing, Worker
@@ -30,6 +34,9 @@ class LoopResult:
     """Every final count was received and applied, and everything queued was sent, before the deadline."""
     drain_end: float
     evals: list[dict] = field(default_factory=list)
+    eval_cost: dict = field(default_factory=dict)
+    """What evaluating cost this worker (:meth:`~dasgd.runtime.evaluation.EvaluationCost.to_dict`), {} if it
+    evaluated nothing during training."""
 
 
 def send_all(transport: Transport, outgoing: list[Outgoing]) -> None:
@@ -54,6 +61,11 @@ class WorkerLoop:
         slowdown: a straggler's factor: after each gradient computation, wait (slowdown - 1) times its
             duration (slower hardware: the gradient is complete, and leaves, only after that).
         on_evaluation: called with each evaluation's record as it is taken (to stream it to disk).
+        evaluate_model: ``evaluate_model(model) -> metrics``: evaluations run on a snapshot of the replica
+            (flat parameters and buffers, copied when one is due), on a background thread, while training
+            goes on; the record (snapshot time, gradients held then, metrics) is taken when the metrics come
+            back, one evaluation at a time, so records stay in order and the target-accuracy stop fires from
+            them a little later. Takes precedence over ``evaluator`` (which runs on the training thread).
     """
 
     def __init__(
@@ -68,6 +80,7 @@ class WorkerLoop:
         slowdown: float = 1.0,
         progress_every: float = 0.25,
         on_evaluation: Callable[[dict], None] | None = None,
+        evaluate_model: Callable[[Any], Mapping[str, float]] | None = None,
     ) -> None:
         self.worker = worker
         self.transport = transport
@@ -79,12 +92,17 @@ class WorkerLoop:
         self.slowdown = slowdown
         self.progress_every = progress_every
         self.on_evaluation = on_evaluation
+        self.evaluate_model = evaluate_model
+        self.background: BackgroundEvaluator | None = None
+        """The background evaluator, once this worker took its first evaluation with ``evaluate_model``."""
+        self.inline_cost = EvaluationCost(background=False)
+        """What the evaluations on the training thread (``evaluator``) cost: all of it pauses training."""
         self.protocol: WorkerProtocol | None = None
 
     @property
     def evaluates(self) -> bool:
         """Whether this worker evaluates now: it has an evaluator and no lower rank is alive as far as it knows."""
-        if self.evaluator is None:
+        if self.evaluator is None and self.evaluate_model is None:
             return False
         w = self.worker
         return w.rank == 0 or w.dead.issuperset(range(w.rank))
@@ -96,11 +114,8 @@ class WorkerLoop:
         next_progress = p.start
         while True:
             now = clock.now()
-            if self.evaluates and p.evaluation_due(now):
-                assert self.evaluator is not None
-                record = p.evaluated(now, self.evaluator(), finished=clock.now())
-                if self.on_evaluation is not None:
-                    self.on_evaluation(record)
+            if self.evaluates:
+                self._evaluate(p, now)
             dead = transport.stats().dead_peers  # before polling: see the drain below
             out, action = p.step(clock.now(), transport.poll(), dead)
             send_all(transport, out)
@@ -119,7 +134,7 @@ class WorkerLoop:
             elif p.phase is Phase.WAITING:
                 # The algorithm waits on peers (a synchronous step, a server's reply; a server never
                 # computes). Messages, evaluations and stop rules go on meanwhile.
-                transport.wait(min(0.05, max(0.0, p.next_eval - now)) if self.evaluates else 0.05)
+                transport.wait(self._wait_bound(p, now))
             else:
                 break
         while True:
@@ -128,6 +143,7 @@ class WorkerLoop:
             dead = set(transport.stats().dead_peers)
             out, action = p.drain(clock.now(), transport.poll(), dead)
             send_all(transport, out)
+            self._collect(p, block=False)
             if isinstance(action, Finished):
                 break
             remaining = p.drain_deadline - clock.now()
@@ -137,9 +153,59 @@ class WorkerLoop:
             transport.wait(min(0.05, remaining))
         flushed = p.drained and transport.flush(max(0.0, p.drain_deadline - clock.now()))
         drain_end = clock.now()
+        # The evaluation still in flight is recorded (in order, before the caller's final one).
+        self._collect(p, block=True)
         if self.on_progress is not None:
             self.on_progress(self._progress(drain_end))
-        return LoopResult(p.stop_reason, p.train_end, flushed, drain_end, p.evals)
+        if self.background is not None:
+            self.background.close()
+            cost = self.background.cost.to_dict()
+        else:
+            cost = self.inline_cost.to_dict() if self.inline_cost.evaluations else {}
+        return LoopResult(p.stop_reason, p.train_end, flushed, drain_end, p.evals, cost)
+
+    def _evaluate(self, p: WorkerProtocol, now: float) -> None:
+        """Collect a finished background evaluation; start the next one (or evaluate inline) when due."""
+        if self.evaluate_model is None:
+            if p.evaluation_due(now):
+                assert self.evaluator is not None
+                w0, c0 = time.perf_counter(), time.thread_time()
+                metrics = self.evaluator()
+                spent = time.perf_counter() - w0
+                c = self.inline_cost
+                c.evaluations += 1
+                c.eval_s += spent
+                c.eval_pause_s += spent
+                c.eval_cpu_s += time.thread_time() - c0
+                self._record(p.evaluated(now, metrics, finished=self.clock.now()))
+            return
+        if self.background is None:
+            self.background = BackgroundEvaluator(self.evaluate_model, self.worker.model, self.clock.now)
+        self._collect(p, block=False)
+        if not self.background.busy and p.evaluation_due(now):
+            self.background.submit(self.worker.params, now, self.worker.applied)
+
+    def _collect(self, p: WorkerProtocol, block: bool) -> None:
+        bg = self.background
+        if bg is None:
+            return
+        done = bg.wait() if block else bg.poll()
+        if done is not None:
+            snapshot, metrics, finished = done
+            self._record(p.evaluated(snapshot.time, metrics, finished=finished, gradients=snapshot.gradients))
+
+    def _record(self, record: dict) -> None:
+        if self.on_evaluation is not None:
+            self.on_evaluation(record)
+
+    def _wait_bound(self, p: WorkerProtocol, now: float) -> float:
+        """How long a waiting worker may block on its transport: until the next evaluation is due, and not
+        long while one runs in the background (its result is picked up at the next step)."""
+        if not self.evaluates:
+            return 0.05
+        if self.background is not None and self.background.busy:
+            return 0.01
+        return min(0.05, max(0.0, p.next_eval - now))
 
     def _progress(self, now: float) -> dict:
         p = self.protocol

@@ -15,6 +15,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+from dasgd.errors import DasgdError
+
 __all__ = ["DistributedSession", "StartupTimeout", "in_torchrun"]
 
 # Long on purpose: a Gloo send that waits longer than the group timeout closes the pair for good, and a slow
@@ -22,7 +24,7 @@ __all__ = ["DistributedSession", "StartupTimeout", "in_torchrun"]
 _PG_TIMEOUT = timedelta(hours=6)
 
 
-class StartupTimeout(RuntimeError):
+class StartupTimeout(DasgdError, RuntimeError):
     """Some workers did not reach a start-up stage in time (they died, or never started): named in the message."""
 
 

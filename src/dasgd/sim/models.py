@@ -14,6 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
+from dasgd.errors import DasgdError
+
 __all__ = [
     "ComputeModel",
     "LinkModel",
@@ -24,7 +26,7 @@ __all__ = [
 ]
 
 
-class ModelError(ValueError):
+class ModelError(DasgdError, ValueError):
     """A simulation model parameter or trace file is invalid."""
 
 

@@ -165,6 +165,7 @@ class PeerThreads:
         self._hello_problem: dict[int, tuple[str, str]] = {}
         self._hello_sends: dict[int, tuple[Any, torch.Tensor]] = {}
         self._unsynced: set[int] = set()  # peers whose payload channel is out of step (module docstring)
+        self._failure: tuple[str, BaseException] | None = None  # the first thread that died, and why
 
     # -- links ----------------------------------------------------------------------------------------
     def _link_in(self, peer: int) -> Link:
@@ -327,7 +328,26 @@ class PeerThreads:
         """The context every transport thread runs in (the split plane selects a CUDA side stream)."""
         yield
 
+    @property
+    def failure(self) -> tuple[str, BaseException] | None:
+        """The first sender or receiver thread that died of an unexpected exception (its name and the
+        exception), or None. A broken link is not a failure (the peer is marked dead); this is anything else
+        (a bug, a payload that cannot be encoded), which would otherwise end the thread without a word and
+        leave the training loop waiting for messages that never go out. Drivers check it and raise."""
+        return self._failure
+
+    def _thread_died(self, exc: BaseException) -> None:
+        with self._lock:
+            if self._failure is None:
+                self._failure = (threading.current_thread().name, exc)
+
     def _send_loop(self, peer: int, outbox: Any) -> None:
+        try:
+            self._send_messages(peer, outbox)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the driver, which raises it
+            self._thread_died(exc)
+
+    def _send_messages(self, peer: int, outbox: Any) -> None:
         box = self._queue_of(outbox)
         link = self._link_out(peer)
         with self._thread_context():
@@ -364,6 +384,13 @@ class PeerThreads:
 
     def _receive_loop(self, peer: int) -> None:
         """``peer``'s receiver: the HELLO, then every message, until SHUTDOWN, close or a lost link."""
+        try:
+            self._receive_messages(peer)
+        except BaseException as exc:  # noqa: BLE001 - recorded for the driver, which raises it
+            self._thread_died(exc)
+            self._hello_done.get(peer, threading.Event()).set()
+
+    def _receive_messages(self, peer: int) -> None:
         with self._thread_context():
             slot = torch.empty(max(self._slot_capacity, HEADER_SIZE), dtype=torch.uint8)
             if not self._receive_hello(peer, slot):

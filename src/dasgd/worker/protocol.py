@@ -186,11 +186,22 @@ class WorkerProtocol:
         """Whether an evaluation is due (for the worker that evaluates)."""
         return now >= self.next_eval
 
-    def evaluated(self, now: float, metrics: Mapping[str, float], finished: float | None = None) -> dict:
+    def evaluated(
+        self,
+        now: float,
+        metrics: Mapping[str, float],
+        finished: float | None = None,
+        gradients: int | None = None,
+    ) -> dict:
         """Record an evaluation of this replica taken at ``now`` (and over at ``finished``, default ``now``);
-        the next is due ``eval_every`` after it is over. Returns the record."""
+        the next is due ``eval_every`` after it is over. Returns the record.
+
+        ``gradients``: how many gradients the evaluated model held (default: what the replica holds now). A
+        driver that evaluates a snapshot in the background passes the count at the snapshot, taken at ``now``.
+        """
         self.last_metrics = dict(metrics)
-        record = {"worker": self.worker.rank, "time": now, "gradients": self.worker.applied, **metrics}
+        held = self.worker.applied if gradients is None else int(gradients)
+        record = {"worker": self.worker.rank, "time": now, "gradients": held, **metrics}
         self.evals.append(record)
         self.next_eval = (now if finished is None else finished) + self.policy.eval_every
         return record

@@ -14,6 +14,8 @@ import math
 import torch
 from torch import nn
 
+from dasgd.errors import DasgdError
+
 __all__ = ["ReplicaError", "all_finite", "flatten_parameters", "flat_grad", "checksum"]
 
 
@@ -29,7 +31,7 @@ def all_finite(vector: torch.Tensor) -> bool:
     return bool(torch.isfinite(vector).all())
 
 
-class ReplicaError(ValueError):
+class ReplicaError(DasgdError, ValueError):
     """The model cannot be used as a DASGD replica."""
 
 

@@ -49,6 +49,7 @@ from dasgd.algorithms.effects import (
 from dasgd.core.gradset import GradientSet
 from dasgd.core.message import MAX_GRADIENT_ID, MAX_GRADIENTS_PER_MESSAGE, Kind, Message
 from dasgd.core.topology import SurvivorRoutes, Topology
+from dasgd.errors import DasgdError
 from dasgd.worker.audit import AuditTrail
 from dasgd.worker.replica import all_finite, flat_grad, flatten_parameters
 
@@ -58,7 +59,7 @@ Outgoing = tuple[int, Message]
 """A message and the peer it must be sent to."""
 
 
-class AlgorithmEffectError(RuntimeError):
+class AlgorithmEffectError(DasgdError, RuntimeError):
     """An algorithm asked for something the worker must not do (a bug in the plug-in, not in the run)."""
 
 
