@@ -280,7 +280,6 @@ def _scalars(folder: Path) -> dict[str, list]:
 
 
 def test_tensorboard_scalars_from_a_run_and_regenerated_by_report(tmp_path: Path, capsys) -> None:
-    pytest.importorskip("tensorboard")
     run = tmp_path / "run"
     rc, _, err = call([*SMALL, "--tensorboard", "--no-theory", "--no-plots", "--run-dir", str(run)], capsys)
     assert rc == 0, err
@@ -309,7 +308,6 @@ def test_tensorboard_scalars_from_a_run_and_regenerated_by_report(tmp_path: Path
 
 
 def test_the_public_tensorboard_writer(tmp_path: Path) -> None:
-    pytest.importorskip("tensorboard")
     from dasgd.metrics.tensorboard import TensorBoardLog
 
     with TensorBoardLog(tmp_path / "tb") as tb:

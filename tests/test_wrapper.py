@@ -366,3 +366,38 @@ def test_bn_cnn_example_under_torchrun(tmp_path):
     assert float(fields["max_buffer_diff"]) == 0.0 and float(fields["buffer_spread"]) > 0.0
     assert fields["stepsize_constant"] == "False"  # the cosine schedule ran
     assert float(fields["test_accuracy"]) >= 0.6  # it trains (chance: 0.1; runs measured 0.75-0.91)
+
+
+def test_tensorboard_scalars_from_the_wrapper(one_rank, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 4), nn.ReLU(), nn.Linear(4, 2))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    trainer = dasgd.DecentralizedSGD(model, opt, tensorboard=tmp_path / "tb")
+    for _ in range(45):
+        backward(model, opt)
+        trainer.step()
+        trainer.log_scalar("train/loss", 0.5)
+    report = trainer.finish()
+    trainer.close()
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    assert {
+        "train/loss/worker0",
+        "throughput/updates_per_s/worker0",
+        "staleness/peer_updates_per_step/worker0",
+        "staleness/s_avg",
+        "staleness/s_max",
+    } <= tags, tags
+    assert [e.step for e in acc.Scalars("train/loss/worker0")] == list(range(1, 46))
+    assert len(acc.Scalars("throughput/updates_per_s/worker0")) == 2  # one per 20 own updates
+    assert acc.Scalars("staleness/s_avg")[0].value == pytest.approx(report.s_avg)
+
+
+def test_tensorboard_without_the_package_is_refused_with_the_install_command(monkeypatch):
+    monkeypatch.setattr("dasgd.runtime.wrapper_log.tensorboard_available", lambda: False)
+    model = nn.Linear(8, 2)
+    with pytest.raises(dasgd.SetupError, match=r"pip install 'dasgd\[tensorboard\]'"):
+        dasgd.DecentralizedSGD(model, torch.optim.SGD(model.parameters(), lr=0.1), tensorboard="tb")

@@ -43,6 +43,7 @@ from typing import Any
 
 import numpy as np
 
+from dasgd.errors import DasgdError
 from dasgd.metrics.eventlog import EVAL_RESERVED_KEYS, EventLog
 
 __all__ = [
@@ -57,7 +58,7 @@ INSTALL_HINT = "pip install 'dasgd[tensorboard]'"
 """The command that installs what TensorBoard output needs."""
 
 
-class TensorBoardMissing(ImportError):
+class TensorBoardMissing(DasgdError, ImportError):
     """The ``tensorboard`` package is not installed; the message holds the install command."""
 
 

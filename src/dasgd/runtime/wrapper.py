@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import time
 from array import array
 from collections.abc import Mapping
@@ -55,6 +56,7 @@ from dasgd.errors import (
     DrainTimeoutError,
     ModelChangedError,
     OutsideWriteError,
+    SetupError,
     SnapshotError,
     TransportFailedError,
     UnsupportedModelError,
@@ -64,6 +66,7 @@ from dasgd.errors import (
 from dasgd.runtime.clock import WallClock
 from dasgd.runtime.loop import send_all
 from dasgd.runtime.session import DistributedSession
+from dasgd.runtime.wrapper_log import TensorBoardMissing, WrapperScalars, require_tensorboard
 from dasgd.transport.handshake import agree_run_nonce
 from dasgd.transport.torchdist import TorchDistTransport
 from dasgd.worker.protocol import Finished, StopPolicy, WorkerProtocol
@@ -128,6 +131,8 @@ class DecentralizedSGD:
         topology: "complete" (default), "ring", "torus", ... or a Topology.
         key: shared secret for HMAC-signed messages, or None.
         faithful: False runs the optimizer as a local preconditioner (practical mode, outside the theory).
+        tensorboard: a directory for TensorBoard scalars (throughput, staleness, and what the loop logs with
+            :meth:`log_scalar`), every rank into the same one; needs ``pip install 'dasgd[tensorboard]'``.
 
     Raises:
         UnsupportedOptimizerError, UnsupportedModelError: (ValueError) what is wrong and what to do instead.
@@ -141,7 +146,13 @@ class DecentralizedSGD:
         key: bytes | None = None,
         *,
         faithful: bool = True,
+        tensorboard: str | os.PathLike[str] | None = None,
     ) -> None:
+        if tensorboard is not None:
+            try:
+                require_tensorboard()  # before any collective: every rank refuses alike
+            except TensorBoardMissing as exc:
+                raise SetupError(str(exc)) from None
         self.faithful = bool(faithful)
         self.model = model
         self.optimizer = optimizer
@@ -210,6 +221,7 @@ class DecentralizedSGD:
         self._version = self._param_version()
         self._own_call = False
         self._hook = optimizer.register_step_pre_hook(self._on_optimizer_step)
+        self._scalars = WrapperScalars(tensorboard, rank) if tensorboard is not None else None
         # No stop rules of its own: the user's loop decides when to stop; the drain keeps the default timeout.
         self.protocol = WorkerProtocol(
             self.worker, StopPolicy(accuracy_metric=None), self.ledger, start=self._t_start
@@ -259,6 +271,14 @@ class DecentralizedSGD:
         self._version = self._param_version()
         self._clock_at_start = w.clock.copy()
         self._t_start = self.clock.now()
+        if self._scalars is not None:
+            self._scalars.after_step(w.computed, w.applied, self._t_start)
+
+    def log_scalar(self, tag: str, value: float) -> None:
+        """Log ``value`` (a loss, an accuracy) under ``tag`` for this worker, at its own update count, into the
+        TensorBoard directory given as ``tensorboard=`` (nothing without one)."""
+        if self._scalars is not None:
+            self._scalars.user(tag, float(value), self.worker.computed)
 
     def _own_update(self) -> torch.Tensor:
         """This step's update vector ``u`` (applied as ``x -= u`` everywhere); records the stepsize."""
@@ -423,6 +443,9 @@ class DecentralizedSGD:
         self.transport.expect_shutdown()  # before any peer's SHUTDOWN can arrive (barrier below)
         self.session.barrier()
         self.transport.shutdown()
+        if self._scalars is not None:
+            self._scalars.finish(report, self.worker.computed)
+            self._scalars.close()
         return report
 
     def _average_buffers(self) -> tuple[int, float, float]:
