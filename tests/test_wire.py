@@ -181,7 +181,7 @@ def cases(draw: st.DrawFn, kinds: list[Kind] | None = None, max_numel: int = 24)
     if kind == Kind.GRADIENT:
         lo = draw(st.integers(0, I64 - 1))
         hi = draw(st.integers(lo + 1, I64))
-    elif kind == Kind.FINAL:
+    elif kind in (Kind.FINAL, Kind.MARKER):
         lo = hi = draw(st.integers(0, I64))
     elif kind == Kind.MODEL:
         lo = draw(st.integers(0, I64))
@@ -524,6 +524,8 @@ def test_unknown_sender_receiver_or_origin() -> None:
         (3, 0, 1, False),
         (4, 1, 0, False),
         (5, 3, 2, True),  # MODEL: lo <= hi is a tag; lo > hi is invalid
+        (7, 3, 4, False),  # MARKER: lo == hi is the checkpoint id
+        (7, 0, 2**63, False),  # and bounded as every id is
     ],
 )
 def test_bad_range(kind: int, lo: int, hi: int, payload: bool) -> None:
@@ -1501,3 +1503,14 @@ def test_a_strided_buffer_is_refused_as_a_usage_error_not_a_buffer_error() -> No
         with pytest.raises(WireUsageError, match="C-contiguous"):
             _dec(strided)
     assert _dec(bytes(memoryview(doubled)[::2])).hi == 1  # copied, it decodes
+
+
+def test_a_checkpoint_marker_round_trips_and_is_bounded() -> None:
+    msg = Message(Kind.MARKER, 1, 1, 9, 9)
+    back = _dec(_enc(msg), 2, 1, 0)
+    assert (back.kind, back.sender, back.origin, back.lo, back.hi, back.payload) == (Kind.MARKER, 1, 1, 9, 9, None)
+    with pytest.raises(WireUsageError, match="checkpoint id"):
+        _enc(Message(Kind.MARKER, 0, 0, 1, 2))
+    with pytest.raises(WireUsageError, match="payload=None"):
+        _enc(Message(Kind.MARKER, 0, 0, 1, 1, torch.ones(1)))
+    assert _reason(_reference_bytes(kind=7, sender=0, origin=0, lo=1, hi=1, code=1, payload_bytes=b"\0" * 4, numel=1)) == "shape"

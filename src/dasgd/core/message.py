@@ -44,6 +44,10 @@ class Kind(IntEnum):
     DEAD = 6
     """The sender saw worker ``origin`` die (its link broke): route around it and stop waiting for it. Flooded
     to neighbours on a sparse topology, so every survivor routes around the same workers. No payload."""
+    MARKER = 7
+    """A checkpoint marker on the link ``sender`` -> receiver (``origin == sender``): everything the sender put
+    on this link before it belongs to the checkpoint ``lo == hi`` (the checkpoint id), everything after it does
+    not (worker/checkpoint.py). Travels one hop, never forwarded. No payload."""
 
 
 @dataclass(frozen=True, slots=True)

@@ -28,7 +28,7 @@ sender's vector clock, then the payload unless it is *detached* (sent as a trans
         24     8  seq           u64, the message's number on its link (HELLO: 0)
         32     8  lo            u64 <= 2**63-1, first gradient id held (inclusive)
         40     8  hi            u64 <= 2**63-1, last gradient id held (exclusive); FINAL: the origin's total
-                                count; MODEL: lo <= hi, a tag of the algorithm (round, request or reply)
+                                count (lo == hi); MARKER: the checkpoint id (lo == hi); MODEL: lo <= hi, a tag of the algorithm (round, request or reply)
         48     8  numel         u64, number of payload elements (inline, or in the detached transfer)
         56     8  total_length  u64, bytes of this message: header, clock and inline payload (a detached
                                 payload is not counted)
@@ -440,9 +440,10 @@ def _checked_fields(msg: Message, detached: bool = False) -> _Fields:
     if kind == Kind.GRADIENT:
         if not lo < hi:
             raise WireUsageError(f"GRADIENT needs lo < hi, got [{lo}, {hi}); an empty range holds nothing")
-    elif kind == Kind.FINAL:
+    elif kind in (Kind.FINAL, Kind.MARKER):
         if lo != hi:
-            raise WireUsageError(f"FINAL needs lo == hi (the total count), got lo={lo}, hi={hi}")
+            what = "the total count" if kind == Kind.FINAL else "the checkpoint id"
+            raise WireUsageError(f"{kind.name} needs lo == hi ({what}), got lo={lo}, hi={hi}")
     elif kind == Kind.MODEL:
         if lo > hi:
             raise WireUsageError(f"MODEL needs lo <= hi (the algorithm's tag), got lo={lo}, hi={hi}")
@@ -1017,7 +1018,7 @@ def _semantics(
         )
     if kind_e == Kind.GRADIENT:
         range_ok = lo < hi
-    elif kind_e == Kind.FINAL:
+    elif kind_e in (Kind.FINAL, Kind.MARKER):
         range_ok = lo == hi
     elif kind_e == Kind.MODEL:
         range_ok = lo <= hi

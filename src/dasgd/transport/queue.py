@@ -9,7 +9,9 @@ Ordering rules that keep this exact:
 - a gradient of origin ``o`` merges only into the *latest* queued entry of ``o``, only if that entry is a
   gradient whose ``hi`` equals the new ``lo``; a control message of ``o`` (FINAL, STOP) after it blocks the
   merge, so a FINAL never overtakes the gradients it counts;
-- entries of different origins commute, so merging into an entry that is not last in the queue is fine.
+- entries of different origins commute, so merging into an entry that is not last in the queue is fine;
+- a checkpoint MARKER is a barrier for every origin: nothing queued after it merges into an entry queued
+  before it, so a message sent after a checkpoint never joins one that belongs to it (worker/checkpoint.py).
 The queue therefore holds at most one gradient entry per origin plus control messages, unless ids arrive
 out of order (only under faults), which it keeps as separate entries for the worker to deduplicate.
 
@@ -96,6 +98,8 @@ class CoalescingQueue:
                 return
             entry = _Entry(msg)
             self._entries.append(entry)
+            if msg.kind == Kind.MARKER:
+                self._latest.clear()  # the barrier: later gradients start entries of their own
             self._latest[msg.origin] = entry
             self.stats.max_depth = max(self.stats.max_depth, len(self._entries))
             self._cond.notify_all()
