@@ -197,6 +197,26 @@ class Algorithm:
         """Called once when the drain is complete (e.g. to apply a last partial synchronous step)."""
         return []
 
+    # -- checkpoints ------------------------------------------------------------------------------------
+    not_resumable: ClassVar[str] = (
+        "its state between messages (partial sums, rounds, pending replies) is not saved by a checkpoint"
+    )
+    """Why a checkpoint of this algorithm is refused ("" for an algorithm whose state it saves)."""
+
+    def checkpoint_state(self) -> dict:
+        """The algorithm's state beyond the worker's, as JSON-able data, for a checkpoint (worker/checkpoint.py).
+
+        Raises AlgorithmError for an algorithm that cannot be resumed (``not_resumable`` says why)."""
+        if self.not_resumable:
+            raise AlgorithmError(f"{self.name} cannot be checkpointed: {self.not_resumable}")
+        return {"counts": dict(self.counts)}
+
+    def restore_state(self, state: dict) -> None:
+        """Take back what :meth:`checkpoint_state` returned."""
+        if self.not_resumable:
+            raise AlgorithmError(f"{self.name} cannot be resumed: {self.not_resumable}")
+        self.counts = {str(k): int(v) for k, v in state.get("counts", {}).items()}
+
 
 class KeyedSums:
     """Running sums of vectors by key (a step or a round), each with the origins that contributed.

@@ -27,6 +27,7 @@ class DASGD(Algorithm):
     name = "dasgd"
     faithful = True
     commutes = True
+    not_resumable = ""  # stateless beyond the worker (its replica, clock and counts)
 
     def on_own(self, gradient: Gradient, index: int) -> list[Effect]:
         return [Step(gradient.grad, self.worker.lr), PushGradient(index, gradient)]

@@ -32,6 +32,8 @@ _REQUEST, _REPLY = 0, 1  # the MODEL message's `lo` field
 class GossipAveraging(Algorithm):
     """Pairwise model averaging with one random neighbour at a time, without waiting."""
 
+    not_resumable = "the pending exchange with a partner and its random stream are not saved"
+
     name = "gossip"
     replicas = "none"
     needs_clocks = True

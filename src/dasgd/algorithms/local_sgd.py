@@ -25,6 +25,8 @@ __all__ = ["LocalSGD"]
 class LocalSGD(Algorithm):
     """Periodic model averaging over all workers every ``local_steps`` (H) own steps."""
 
+    not_resumable = "the sums of models received for the current averaging round are not saved"
+
     name = "local-sgd"
     replicas = "none"
     synchronous = True

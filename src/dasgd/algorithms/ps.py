@@ -30,6 +30,8 @@ SERVER = 0
 class ParameterServerASGD(Algorithm):
     """Asynchronous SGD through a central server (rank 0); workers 1..n-1 compute."""
 
+    not_resumable = "a client waiting for the server's reply (a MODEL message) is not saved"
+
     name = "ps-asgd"
     replicas = "server"
     single_gradient_messages = True

@@ -27,6 +27,8 @@ __all__ = ["SynchronousSGD"]
 class SynchronousSGD(Algorithm):
     """Mini-batch SGD with an all-gather of gradients each step: every replica takes the same steps."""
 
+    not_resumable = "the per-step sums of gradients received ahead of the barrier are not saved"
+
     name = "sync"
     synchronous = True
     coalesce_gradients = False

@@ -8,6 +8,12 @@ computes at the start of a step is the gradient of the replica it will commit fr
 engine compute the gradients of many in-flight workers in one batched call without changing any result.
 
 Events tie-break by scheduling order (events.py): the same workers, models and seed give the same run.
+
+Checkpoints run the same marker protocol as real runs (worker/protocol.py, worker/checkpoint.py):
+``checkpoint_at=T`` has worker 0 start one at its first step at or after virtual time T; every worker's part
+is collected in :attr:`Simulation.checkpoint` as it completes, while the run goes on. ``resume=`` builds the
+run from such parts: each worker's state, sampler and compute-time generator are restored, the channel state
+is delivered first, and virtual time starts at the latest local snapshot.
 """
 
 from __future__ import annotations
@@ -24,6 +30,7 @@ from dasgd.sim.events import EventKind, EventQueue, VirtualClock
 from dasgd.sim.models import ComputeModel, FailurePlan, NetworkModel
 from dasgd.sim.network import SimNetwork
 from dasgd.tasks import BatchSampler, Task
+from dasgd.worker.checkpoint import CheckpointError, WorkerState
 from dasgd.worker.protocol import Compute, Finished, Phase, StopPolicy, WorkerProtocol
 from dasgd.worker.worker import Gradient, Outgoing, Worker
 
@@ -68,6 +75,10 @@ class Simulation:
             last poll as one summed bundle when the algorithm's updates commute (results equal one-by-one up to
             rounding).
         on_progress: called every ``progress_every`` events with a small dict.
+        checkpoint_at: take a checkpoint (id ``checkpoint_id``) started by worker 0 at its first step at or
+            after this virtual time (None: none). Arrivals are then handed over one message at a time.
+        resume: go on from these parts of a checkpoint (rank order), on workers and samplers built exactly as
+            for the run that took it.
     """
 
     def __init__(
@@ -83,8 +94,16 @@ class Simulation:
         batched: bool = False,
         on_progress: Callable[[dict], None] | None = None,
         progress_every: int = 5000,
+        checkpoint_at: float | None = None,
+        checkpoint_id: int = 1,
+        resume: list[WorkerState] | None = None,
     ) -> None:
         n = len(workers)
+        self.checkpoint_at = checkpoint_at
+        self.checkpoint_id = checkpoint_id
+        self.checkpoint: list[WorkerState | None] = [None] * n
+        """Each worker's part of the checkpoint, as it completes (all set: the checkpoint is complete)."""
+        self._checkpoint_due = False
         self.workers = workers
         self.samplers = samplers
         self.task = task
@@ -102,7 +121,8 @@ class Simulation:
             seed,
             on_broadcast=self._on_broadcast,
             coalesce=workers[0].algorithm.coalesce_gradients,
-            bundle=batched and workers[0].algorithm.commutes,
+            # A bundle hides which link each message came on, which the checkpoint's channel state needs.
+            bundle=batched and workers[0].algorithm.commutes and checkpoint_at is None,
         )
         self._draining: set[int] = set()
         self._waiting: set[int] = set()  # workers whose algorithm waits on peers (woken by arrivals)
@@ -126,7 +146,13 @@ class Simulation:
             drained=[False] * n,
             crashed=[False] * n,
         )
-        self.protocols = [WorkerProtocol(w, policy, self.outcome.records, start=0.0) for w in workers]
+        self.protocols = [
+            WorkerProtocol(w, policy, self.outcome.records, start=0.0, extra_state=self._extra_state(w.rank))
+            for w in workers
+        ]
+        self._t0 = 0.0
+        if resume is not None:
+            self._resume(resume)
         # The lowest live rank's replica is the one evaluated (worker 0's until it dies, as in a real run): its
         # protocol sees the evaluation (the stop rule on accuracy), and the outcome keeps every record in order.
         self._evaluator = 0
@@ -144,6 +170,35 @@ class Simulation:
             and not failures.link_down
         )
 
+    # -- checkpoints ------------------------------------------------------------------------------------
+    def _extra_state(self, w: int) -> Callable[[], dict]:
+        def extra() -> dict:
+            return {"sampler": self.samplers[w].state(), "compute_rng": self._rngs[w].bit_generator.state}
+
+        return extra
+
+    def _resume(self, states: list[WorkerState]) -> None:
+        n = len(self.workers)
+        if len(states) != n or [s.rank for s in states] != list(range(n)):
+            raise CheckpointError(f"a resume needs the parts of all {n} workers in rank order")
+        for w, state in enumerate(states):
+            self.protocols[w] = WorkerProtocol.resume(
+                self.workers[w], self.policy, state, self.outcome.records, extra_state=self._extra_state(w)
+            )
+            self.samplers[w].set_state(state.extra["sampler"])
+            self._rngs[w].bit_generator.state = state.extra["compute_rng"]
+        self._t0 = max(s.time for s in states)
+
+    def _collect(self, w: int) -> None:
+        p = self.protocols[w]
+        if p.checkpoint_ready:
+            self.checkpoint[w] = p.checkpoint_state()
+
+    @property
+    def checkpoint_complete(self) -> bool:
+        """Every worker's part of the checkpoint was collected."""
+        return all(s is not None for s in self.checkpoint)
+
     # -- driving ----------------------------------------------------------------------------------------
     def run(self) -> SimOutcome:
         """Run to the end (every live worker drained, or the drain timeout). Returns the outcome."""
@@ -153,8 +208,12 @@ class Simulation:
             self.events.push(t, EventKind.CRASH, w)
         for a, b, start, end in self.failures.link_down:
             self.net.add_outage(a, b, start, end)
-        self.events.push(0.0, EventKind.EVALUATE)
+        self.clock.advance_to(self._t0)
+        self.events.push(self._t0, EventKind.EVALUATE)
         self._eval_pending = 1
+        if self.checkpoint_at is not None:
+            self.events.push(max(self.checkpoint_at, self._t0), EventKind.CHECKPOINT, 0)
+            self._eval_pending += 1  # counted with the evaluations: it never stalls a run by itself
         for w in range(n):
             self._start(w)
         while self.events:
@@ -174,6 +233,11 @@ class Simulation:
                 self._crash(a)
             elif kind == EventKind.PEER_DEAD:
                 self._peer_dead(a, b)
+            elif kind == EventKind.CHECKPOINT:
+                self._eval_pending -= 1
+                self._checkpoint_due = True
+                if self._state[a] == _WAITING:
+                    self._start(a)
             if self.on_progress is not None and self.events.processed % self.progress_every == 0:
                 self.on_progress(self._progress())
             if all(s in (_DONE, _DEAD) for s in self._state):
@@ -213,8 +277,15 @@ class Simulation:
         """The top of a step: the protocol applies arrivals, checks the stop rules, says compute or wait."""
         worker = self.workers[w]
         t = self.clock.now()
+        if self._checkpoint_due and w == 0:
+            self._checkpoint_due = False
+            try:
+                self._send(w, self.protocols[w].begin_checkpoint(self.checkpoint_id, t))
+            except CheckpointError:
+                pass  # refused (the reason is in protocols[0].checkpoint_refused); the run goes on
         out, action = self.protocols[w].step(t, self.transports[w].poll(), self.net.stats[w].dead_peers)
         self._send(w, out)
+        self._collect(w)
         if self.protocols[w].phase is Phase.DRAINING:
             self._stop(w)
             return
@@ -289,6 +360,7 @@ class Simulation:
     def _check_drained(self, w: int, arrived: list | None = None) -> None:
         out, action = self.protocols[w].drain(self.clock.now(), arrived or [], self.net.stats[w].dead_peers)
         self._send(w, out)
+        self._collect(w)
         if isinstance(action, Finished):
             self._state[w] = _DONE
             self._draining.discard(w)

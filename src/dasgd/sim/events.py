@@ -24,6 +24,7 @@ class EventKind(IntEnum):
     LINK_DOWN = 6
     LINK_UP = 7
     PEER_DEAD = 8  # worker a notices that its neighbour b died (its link closed)
+    CHECKPOINT = 9  # worker a starts a checkpoint at its next step
 
 
 @dataclass(order=True)

@@ -57,6 +57,15 @@ class BatchSampler(ABC):
     def next(self) -> Batch:
         """The next mini-batch of the stream."""
 
+    def state(self) -> dict:
+        """Where the stream is, as JSON-able data (for a checkpoint): :meth:`set_state` on a sampler built
+        with the same arguments makes it go on with exactly the batches this one would draw next."""
+        raise NotImplementedError(f"{type(self).__name__} cannot save its position; a checkpoint needs it")
+
+    def set_state(self, state: dict) -> None:
+        """Go on from ``state`` (:meth:`state` of a sampler built with the same arguments)."""
+        raise NotImplementedError(f"{type(self).__name__} cannot restore its position")
+
 
 class Task(ABC):
     """A workload: model, loss, data stream and evaluation.
@@ -186,6 +195,9 @@ class IndexSampler(BatchSampler):
         self._epoch = np.empty(0, dtype=self._dtype)
         self._pos = 0
         self._epochs = 0
+        # The generator's state before the current epoch's permutation: a checkpoint saves it (and the
+        # position) instead of the permutation, and draws the permutation again on restore.
+        self._epoch_rng = self._rng.bit_generator.state
 
     @property
     def indices(self) -> np.ndarray:
@@ -197,12 +209,25 @@ class IndexSampler(BatchSampler):
         """How many epoch permutations have been drawn so far."""
         return self._epochs
 
+    def state(self) -> dict:
+        return {"epoch_rng": self._epoch_rng, "epochs": self._epochs, "pos": self._pos}
+
+    def set_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["epoch_rng"]
+        self._epoch_rng = self._rng.bit_generator.state
+        self._epochs = int(state["epochs"])
+        self._epoch = (
+            self._rng.permutation(self._indices).astype(self._dtype) if self._epochs else np.empty(0, self._dtype)
+        )
+        self._pos = int(state["pos"])
+
     def next(self) -> Batch:
         """The next ``batch_size`` rows, in this sampler's deterministic order."""
         take = self._epoch[self._pos : self._pos + self._batch_size].astype(np.int64)
         self._pos += len(take)
         while len(take) < self._batch_size:
             # The epoch ran out mid-batch: complete the batch from the next epoch's permutation.
+            self._epoch_rng = self._rng.bit_generator.state
             self._epoch = self._rng.permutation(self._indices).astype(self._dtype)
             self._epochs += 1
             more = self._epoch[: self._batch_size - len(take)].astype(np.int64)

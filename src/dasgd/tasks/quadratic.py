@@ -66,6 +66,12 @@ class NoiseSampler(BatchSampler):
         self._shape = (int(batch_size), int(dim))
         self._rng = np.random.default_rng(seed)
 
+    def state(self) -> dict:
+        return {"rng": self._rng.bit_generator.state}
+
+    def set_state(self, state: dict) -> None:
+        self._rng.bit_generator.state = state["rng"]
+
     def next(self) -> Batch:
         """The next batch of noise draws (float64)."""
         return Batch(torch.from_numpy(self._rng.standard_normal(self._shape) * self._scale), None)

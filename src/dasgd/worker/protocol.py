@@ -16,18 +16,25 @@ step, a server's reply), DRAINING (stopped: it announced its final count and app
 declaring dead the peers its driver saw die), DONE. The stop rules are one frozen :class:`StopPolicy`.
 A call that does not fit the phase raises :class:`ProtocolError` naming the phase.
 
-Later states (restore, join, sync from a peer, leave) belong here too, so that each is written once.
+Checkpoints (worker/checkpoint.py) run through here too, alongside training: :meth:`WorkerProtocol.
+begin_checkpoint` starts one, MARKER messages in what arrived are taken out before the worker sees them (each
+splits the arrivals of its link into before and after the cut), and :meth:`WorkerProtocol.checkpoint_state`
+hands over the worker's part once every incoming link delivered its marker. :meth:`WorkerProtocol.resume`
+builds a protocol from a saved part.
+
+Later states (join, sync from a peer, leave) belong here too, so that each is written once.
 """
 
 from __future__ import annotations
 
 import enum
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 
 from dasgd.core.ledger import StalenessLedger
-from dasgd.core.message import Message
+from dasgd.core.message import MAX_GRADIENT_ID, Kind, Message
+from dasgd.worker.checkpoint import CheckpointError, WorkerState
 from dasgd.worker.replica import all_finite
 from dasgd.worker.rules import stop_reason
 from dasgd.worker.worker import Gradient, Outgoing, Worker
@@ -126,6 +133,15 @@ class WorkerProtocol:
     last_metrics: dict[str, float] = field(default_factory=dict)
     next_eval: float = math.nan
     """When the next evaluation is due (the start, then every ``policy.eval_every``)."""
+    extra_state: Callable[[], dict] | None = None
+    """Called at this worker's local snapshot of a checkpoint: the driver's state to save with it (JSON-able:
+    the batch sampler's position and random state, ...), taken at the same instant as the worker's."""
+    checkpoint_refused: str = ""
+    """Why the last checkpoint this worker was asked to join was refused ("" if none was)."""
+    _cut: _Cut | None = field(default=None, repr=False)
+    _last_cid: int = field(default=-1, repr=False)
+    _redeliver: list[Message] = field(default_factory=list, repr=False)
+    _now: float = field(default=math.nan, repr=False)
 
     def __post_init__(self) -> None:
         if math.isnan(self.next_eval):
@@ -143,8 +159,9 @@ class WorkerProtocol:
         """
         self._require(Phase.TRAINING, Phase.WAITING)
         w = self.worker
+        self._now = now
         out = self._note_dead(dead_peers)
-        out += w.receive(arrived)
+        out += self._take_in(arrived)
         reason = stop_reason(
             w,
             now - self.start,
@@ -212,7 +229,7 @@ class WorkerProtocol:
         (the wrapper); a peer's request to stop shows in ``worker.stop_requested``."""
         self._require(Phase.TRAINING, Phase.WAITING)
         out = self._note_dead(dead_peers)
-        return out + self.worker.receive(arrived)
+        return out + self._take_in(arrived)
 
     def stop(self, now: float, reason: str, tell_peers: bool = True) -> list[Outgoing]:
         """Stop now for ``reason`` (the driver's own: a user's loop that ends): announce the final count, and
@@ -234,7 +251,8 @@ class WorkerProtocol:
         after queuing what it sent), so nothing a dead peer sent is left behind.
         """
         self._require(Phase.DRAINING)
-        out = self.worker.receive(arrived)
+        self._now = now
+        out = self._take_in(arrived)
         return out, self._drain_check(now, dead_peers, out)
 
     def give_up(self, now: float) -> Finished:
@@ -243,6 +261,181 @@ class WorkerProtocol:
         self.phase = Phase.DONE
         self.drain_end = now
         return Finished(False)
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def begin_checkpoint(self, cid: int, now: float) -> list[Outgoing]:
+        """Start checkpoint ``cid`` here (ids increase over a run): record this worker's state now, between
+        steps, and return the MARKER(cid) for every outgoing link (send them as usual, after anything returned
+        earlier). Raises :class:`CheckpointError` when it cannot be taken (the worker stopped, a worker died,
+        an algorithm that cannot be resumed, a checkpoint in progress); training goes on either way."""
+        if not 0 <= cid <= MAX_GRADIENT_ID:
+            raise CheckpointError(f"a checkpoint id is in [0, 2**62], got {cid}")
+        if cid <= self._last_cid or (self._cut is not None and self._cut.cid >= cid):
+            raise CheckpointError(f"checkpoint ids increase over a run: {cid} follows {max(self._last_cid, self._cut.cid if self._cut else -1)}")
+        self._now = now
+        why = self._snapshot_refusal()
+        if why:
+            self.checkpoint_refused = why
+            raise CheckpointError(f"worker {self.worker.rank} cannot take checkpoint {cid}: {why}")
+        return self._snapshot(cid)
+
+    @property
+    def checkpointing(self) -> int | None:
+        """The id of the checkpoint this worker is taking (its part not handed over yet), or None."""
+        return None if self._cut is None else self._cut.cid
+
+    @property
+    def checkpoint_ready(self) -> bool:
+        """Whether this worker's part of the current checkpoint is complete (every incoming link delivered its
+        marker): :meth:`checkpoint_state` hands it over."""
+        return self._cut is not None and not self._cut.open
+
+    def checkpoint_state(self) -> WorkerState:
+        """This worker's part of the current checkpoint (once :attr:`checkpoint_ready`); the protocol forgets it."""
+        cut = self._cut
+        if cut is None or cut.open:
+            waiting = "no checkpoint is in progress" if cut is None else f"links from {sorted(cut.open)} have not delivered their marker"
+            raise ProtocolError(f"worker {self.worker.rank}'s part of the checkpoint is not complete: {waiting}")
+        self._cut = None
+        self._last_cid = cut.cid
+        return WorkerState(
+            checkpoint=cut.cid,
+            rank=self.worker.rank,
+            world_size=self.worker.world_size,
+            time=cut.time,
+            worker=cut.worker,
+            protocol=cut.protocol,
+            extra=cut.extra,
+            channel=cut.channel,
+        )
+
+    @classmethod
+    def resume(
+        cls,
+        worker: Worker,
+        policy: StopPolicy,
+        state: WorkerState,
+        ledger: StalenessLedger | None = None,
+        redeliver: bool = True,
+        extra_state: Callable[[], dict] | None = None,
+    ) -> WorkerProtocol:
+        """A protocol that goes on from ``state`` with ``worker`` (freshly built, exactly as for the saved run:
+        its state is loaded here). The driver restores its own part (``state.extra``).
+
+        ``redeliver``: the messages of the channel state are handed to the worker at its first step, before
+        anything that arrives after the resume (each link is FIFO, so this is where they belong); False leaves
+        that to the driver (a replay that delivers them at the moments of the original run)."""
+        if state.rank != worker.rank or state.world_size != worker.world_size:
+            raise CheckpointError(
+                f"the part of worker {state.rank} of {state.world_size} cannot resume worker {worker.rank} of {worker.world_size}"
+            )
+        try:
+            worker.load(state.worker)
+        except (ValueError, RuntimeError) as e:
+            raise CheckpointError(f"worker {worker.rank} cannot resume from this checkpoint: {e}") from None
+        p = state.protocol
+        proto = cls(
+            worker,
+            policy,
+            ledger,
+            start=float(p["start"]),
+            next_eval=float(p["next_eval"]),
+            evals=[dict(e) for e in p["evals"]],
+            last_metrics=dict(p["last_metrics"]),
+            extra_state=extra_state,
+        )
+        proto._last_cid = state.checkpoint
+        if redeliver:
+            proto._redeliver = list(state.channel)
+        return proto
+
+    def _snapshot_refusal(self) -> str:
+        w = self.worker
+        if self.phase not in (Phase.TRAINING, Phase.WAITING) or w.stopped:
+            return f"it is {self.phase.value}; a checkpoint is taken while every worker trains"
+        if w.dead:
+            return f"workers {sorted(w.dead)} died; a checkpoint needs every worker"
+        if w.algorithm.not_resumable:
+            return f"{w.algorithm.name} cannot be checkpointed: {w.algorithm.not_resumable}"
+        if self._cut is not None:
+            return f"checkpoint {self._cut.cid} is in progress"
+        return ""
+
+    def _snapshot(self, cid: int) -> list[Outgoing]:
+        """The local snapshot: record the state, open every incoming link, send the markers."""
+        w = self.worker
+        links = [int(p) for p in w.topology.neighbors(w.rank)]
+        self._cut = _Cut(
+            cid=cid,
+            time=self._now,
+            worker=w.capture(),
+            protocol={
+                "start": self.start,
+                "next_eval": self.next_eval,
+                "evals": [dict(e) for e in self.evals],
+                "last_metrics": dict(self.last_metrics),
+            },
+            extra=self.extra_state() if self.extra_state is not None else {},
+            open=set(links),
+        )
+        self.checkpoint_refused = ""
+        marker = Message(Kind.MARKER, w.rank, w.rank, cid, cid)
+        return [(peer, marker) for peer in links]
+
+    def _marker(self, msg: Message) -> list[Outgoing]:
+        cid = msg.lo
+        cut = self._cut
+        if cut is not None and cut.cid == cid:
+            cut.open.discard(msg.sender)
+            return []
+        if cid <= self._last_cid or (cut is not None and cid < cut.cid):
+            return []  # a marker of a checkpoint this worker already handed over, or abandoned
+        # The first marker of a new checkpoint: the local snapshot, taken before anything after the marker.
+        # A checkpoint still open here is abandoned (its initiator moved on to a newer one).
+        self._cut = None
+        why = self._snapshot_refusal()
+        if why:
+            self.checkpoint_refused = why
+            self._last_cid = cid  # never completed here, so never complete: its manifest is never written
+            return []
+        out = self._snapshot(cid)
+        assert self._cut is not None
+        self._cut.open.discard(msg.sender)  # this link's channel state is empty: the marker came first
+        return out
+
+    def _take_in(self, arrived: list[Message]) -> list[Outgoing]:
+        """Hand what arrived to the worker, taking out the checkpoint markers (each where it arrived: what came
+        before it on any link was applied before a snapshot it triggers) and recording the channel state."""
+        if self._redeliver:
+            arrived = [*self._redeliver, *arrived]
+            self._redeliver = []
+        if self._cut is None and not any(isinstance(m, Message) and m.kind == Kind.MARKER for m in arrived):
+            return self.worker.receive(arrived)
+        out: list[Outgoing] = []
+        part: list[Message] = []
+        for m in arrived:
+            if not isinstance(m, Message):
+                if self._cut is not None and self._cut.open:
+                    raise ProtocolError("bundled arrivals cannot be recorded for a checkpoint; poll one message at a time")
+                part.append(m)
+                continue
+            if m.kind == Kind.MARKER:
+                if part:
+                    out += self.worker.receive(part)
+                    part = []
+                out += self._marker(m)
+                continue
+            cut = self._cut
+            if cut is not None and m.sender in cut.open:
+                # In flight across the cut: applied now (training goes on) and saved, to be delivered again on
+                # resume. A copy, so that nothing that changes the live tensor later changes the saved one.
+                payload = None if m.payload is None else m.payload.detach().clone()
+                clock = None if m.clock is None else m.clock.copy()
+                cut.channel.append(Message(m.kind, m.sender, m.origin, m.lo, m.hi, payload, clock))
+            part.append(m)
+        if part:
+            out += self.worker.receive(part)
+        return out
 
     # -- helpers ------------------------------------------------------------------------------------------
     def _stop(self, reason: str, now: float, tell_peers: bool) -> list[Outgoing]:
@@ -275,3 +468,17 @@ class WorkerProtocol:
         if self.phase not in phases:
             allowed = " or ".join(p.value for p in phases)
             raise ProtocolError(f"worker {self.worker.rank} is {self.phase.value}; this step needs {allowed}")
+
+
+@dataclass
+class _Cut:
+    """A checkpoint being taken at this worker: the local snapshot and the channel state recorded so far."""
+
+    cid: int
+    time: float
+    worker: dict
+    protocol: dict
+    extra: dict
+    open: set[int]
+    """Incoming links whose marker has not arrived: what arrives on them is recorded."""
+    channel: list[Message] = field(default_factory=list)

@@ -304,6 +304,8 @@ class Worker:
             if not isinstance(raw, Message):
                 forward.extend(self._receive_bundle(raw))
                 continue
+            if raw.kind == Kind.MARKER:
+                continue  # a checkpoint marker is the protocol's (worker/protocol.py), never the replica's
             msg = self._accept(raw)
             if msg is None:
                 continue
@@ -411,6 +413,70 @@ class Worker:
         self.stopped = True
         self._finals[self.rank] = self.computed
         return out + self._push(Kind.FINAL, self.computed, self.computed, None)
+
+    # -- checkpoints (worker/checkpoint.py) -----------------------------------------------------------
+    def capture(self) -> dict:
+        """This worker's state for a checkpoint, as copies: replica (parameters and buffers), vector clock,
+        own count, final counts, ids held past a gap, the own gradients not yet sent (B > 1), the flags and
+        counters, and the algorithm's state (which raises for an algorithm that cannot be resumed).
+
+        Refused (RuntimeError) once the worker stopped or after a death: a resumed run starts training."""
+        if self.stopped:
+            raise RuntimeError(f"worker {self.rank} has stopped; a checkpoint is taken while training")
+        if self._dead.any():
+            raise RuntimeError(f"worker {self.rank} saw workers {sorted(self.dead)} die; a checkpoint needs every worker")
+        return {
+            "algorithm": self.algorithm.name,
+            "algorithm_state": self.algorithm.checkpoint_state(),
+            "params": self.params.detach().clone(),
+            "buffers": {name: b.detach().clone() for name, b in self.model.named_buffers()},
+            "clock": self.clock.copy(),
+            "computed": int(self.computed),
+            "finals": self._finals.copy(),
+            "gaps": {int(o): [list(r) for r in ids.ranges()] for o, ids in self._gaps.items()},
+            "pending": None if self._pending is None else self._pending.detach().clone(),
+            "pending_lo": int(self._pending_lo),
+            "stop_requested": bool(self.stop_requested),
+            "diverged": bool(self.diverged),
+            "rejected": dict(self.rejected),
+            "non_finite_origins": {int(k): int(v) for k, v in self.non_finite_origins.items()},
+        }
+
+    def load(self, state: dict) -> None:
+        """Take back what :meth:`capture` returned (on a freshly built worker of the same run)."""
+        if self.computed or self.applied:
+            raise RuntimeError("load a checkpoint into a freshly built worker, before its first gradient")
+        if state["algorithm"] != self.algorithm.name:
+            raise ValueError(f"the checkpoint is of algorithm {state['algorithm']!r}, this worker runs {self.algorithm.name!r}")
+        params = state["params"]
+        if params.numel() != self.params.numel():
+            raise ValueError(f"the checkpoint's replica has {params.numel()} values, this model has {self.params.numel()}")
+        clock = np.asarray(state["clock"], dtype=np.int64)
+        if clock.shape != self.clock.shape:
+            raise ValueError(f"the checkpoint's clock has {clock.size} entries, the run has {self.world_size} workers")
+        with torch.no_grad():
+            self.params.copy_(params.reshape(-1).to(self.params.device, self.params.dtype))
+            buffers = dict(self.model.named_buffers())
+            if set(buffers) != set(state["buffers"]):
+                raise ValueError(f"the checkpoint's buffers {sorted(state['buffers'])} are not the model's {sorted(buffers)}")
+            for name, value in state["buffers"].items():
+                buffers[name].copy_(value)
+        self.clock[:] = clock
+        self.computed = int(state["computed"])
+        self._finals[:] = np.asarray(state["finals"], dtype=np.int64)
+        self._gaps = {}
+        for origin, ranges in state["gaps"].items():
+            ids = self._gaps[int(origin)] = GradientSet()
+            for lo, hi in ranges:
+                ids.add(int(lo), int(hi))
+        pending = state["pending"]
+        self._pending = None if pending is None else pending.to(self.params.device, self.params.dtype).clone()
+        self._pending_lo = int(state["pending_lo"])
+        self.stop_requested = bool(state["stop_requested"])
+        self.diverged = bool(state["diverged"])
+        self.rejected = Counter({str(k): int(v) for k, v in state["rejected"].items()})
+        self.non_finite_origins = Counter({int(k): int(v) for k, v in state["non_finite_origins"].items()})
+        self.algorithm.restore_state(state["algorithm_state"])
 
     # -- the effects an algorithm asks for: the only writes to the replica and its clock --------------
     def _carry_out(self, effects: list[Effect]) -> list[Outgoing]:
