@@ -212,12 +212,17 @@ def test_in_flight_gradients_are_recorded_in_the_receivers_channel_state():
 
 
 def test_a_marker_is_a_coalescing_barrier():
-    q = CoalescingQueue()
+    """A gradient queued after any link's marker never merges into one queued before it (an inbox holds the
+    messages of every link; it would move a message sent after the cut ahead of a marker)."""
     g = torch.ones(2)
-    q.put(Message(Kind.GRADIENT, 1, 1, 0, 1, g))
-    q.put(Message(Kind.MARKER, 1, 1, 7, 7))
-    q.put(Message(Kind.GRADIENT, 1, 1, 1, 2, g))
-    assert [(m.kind, m.lo, m.hi) for m in q.drain()] == [(Kind.GRADIENT, 0, 1), (Kind.MARKER, 7, 7), (Kind.GRADIENT, 1, 2)]
+    for marker_sender in (1, 2):
+        q = CoalescingQueue()
+        q.put(Message(Kind.GRADIENT, 1, 1, 0, 1, g))
+        q.put(Message(Kind.MARKER, marker_sender, marker_sender, 7, 7))
+        q.put(Message(Kind.GRADIENT, 1, 1, 1, 2, g))
+        q.put(Message(Kind.GRADIENT, 1, 1, 2, 3, g))  # merges after the marker as before it
+        got = [(m.kind, m.lo, m.hi) for m in q.drain()]
+        assert got == [(Kind.GRADIENT, 0, 1), (Kind.MARKER, 7, 7), (Kind.GRADIENT, 1, 3)]
 
 
 def test_refused_checkpoints_say_why():
@@ -252,7 +257,7 @@ def _sim(spec, **kw):
 
 @pytest.mark.parametrize("topology", ["complete", "ring"])
 def test_a_simulated_checkpoint_does_not_perturb_the_run_and_resumes_exactly_once(tmp_path, topology):
-    spec = _spec(workers=5, topology=topology, max_gradients=400, simulation={"compute_sigma": 0.3})
+    spec = _spec(workers=5, topology=topology, max_gradients=400, simulation={"compute": "lognormal", "compute_sigma": 0.3})
     plain = _sim(spec)
     out_plain = plain.run()
     taken = _sim(spec, checkpoint_at=0.05)
@@ -272,15 +277,34 @@ def test_a_simulated_checkpoint_does_not_perturb_the_run_and_resumes_exactly_onc
         write_worker_checkpoint(tmp_path, s, ident)
     finalize_checkpoint(tmp_path, spec.workers, ident)
     resumed = _sim(spec, resume=read_checkpoint(tmp_path, ident))
-    resumed.run()
+    out_resumed = resumed.run()
     counts = np.array([w.computed for w in resumed.workers])
     for w in resumed.workers:
         assert (w.clock == counts).all() and w.rejected["duplicate"] == 0
         torch.testing.assert_close(w.params, resumed.workers[0].params)
     # The ledger of the resumed run numbers each origin's gradients from its saved count on, without a gap.
-    origin, index = resumed.outcome.records.arrays()[:2]
+    origin, index = out_resumed.records.arrays()[:2]
     for j in range(spec.workers):
         assert np.array_equal(np.sort(index[origin == j]), np.arange(computed[j], counts[j]))
+    # And it replays the rest of the run that took the checkpoint exactly: each worker restarts at the
+    # virtual time of its snapshot with its sampler and compute-time generator where they were, and each
+    # message of the channel state arrives when it arrived then. Same gradients (same records: start, end,
+    # vector clock at the start, so the same staleness), same stop, bit-identical replicas.
+    for a, b in zip(taken.workers, resumed.workers):
+        assert torch.equal(a.params, b.params) and (a.clock == b.clock).all()
+    after = _records_after(out_taken.records.arrays(), computed)
+    for a, b in zip(after, _records_after(out_resumed.records.arrays(), computed)):
+        assert np.array_equal(a, b)
+    assert out_taken.stop_reason == out_resumed.stop_reason and out_taken.train_end == out_resumed.train_end
+    assert out_taken.end_time == out_resumed.end_time
+
+
+def _records_after(arrays, computed):
+    """The records of gradients computed after each origin's snapshot, ordered by (origin, index)."""
+    origin, index, start, end, clock = arrays
+    keep = index >= np.array(computed)[origin]
+    order = np.lexsort((index[keep], origin[keep]))
+    return [x[keep][order] for x in (origin, index, start, end, np.asarray(clock))]
 
 
 # -- the reader's bad input -----------------------------------------------------------------------------------

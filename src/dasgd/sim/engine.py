@@ -12,8 +12,14 @@ Events tie-break by scheduling order (events.py): the same workers, models and s
 Checkpoints run the same marker protocol as real runs (worker/protocol.py, worker/checkpoint.py):
 ``checkpoint_at=T`` has worker 0 start one at its first step at or after virtual time T; every worker's part
 is collected in :attr:`Simulation.checkpoint` as it completes, while the run goes on. ``resume=`` builds the
-run from such parts: each worker's state, sampler and compute-time generator are restored, the channel state
-is delivered first, and virtual time starts at the latest local snapshot.
+run from such parts: each worker's state, sampler and compute-time generator are restored, each worker takes
+its first step at the virtual time of its local snapshot, and each message of the channel state arrives when
+it arrived in the run that took the checkpoint (the simulator notes it beside the part, ``channel_arrivals``;
+without it the channel state is delivered first). So on a network without per-link state (unlimited
+bandwidth, no loss: links never queue), a resumed run replays the rest of the original run exactly: every
+worker sees the same messages in the same order at the same virtual times and draws the same batches and
+compute times, hence the same gradients, the same records and bit-identical replicas (up to ties between
+events at exactly the same virtual time, which a continuous compute-time model makes improbable).
 """
 
 from __future__ import annotations
@@ -37,7 +43,8 @@ from dasgd.worker.worker import Gradient, Outgoing, Worker
 __all__ = ["Simulation", "SimOutcome", "StopPolicy"]  # StopPolicy: re-exported from worker.protocol
 
 _COMPUTING, _DRAINING, _DONE, _DEAD, _WAITING = range(5)
-_TRAINING = (_COMPUTING, _WAITING)  # before the worker's stop: computing, or waiting on peers to go on
+_TRAINING = (_COMPUTING, _WAITING)
+_BEFORE_THE_CUT = 1 << 62  # channel-state messages sort before what is sent after a resume  # before the worker's stop: computing, or waiting on peers to go on
 
 
 @dataclass
@@ -151,8 +158,12 @@ class Simulation:
             for w in workers
         ]
         self._t0 = 0.0
-        if resume is not None:
-            self._resume(resume)
+        self._resume_at: list[float] | None = None
+        self._first_eval = 0.0
+        self._arrival_of: list[dict[int, tuple[float, int]]] | None = None
+        if checkpoint_at is not None:
+            self.net.track_arrivals()
+            self._arrival_of = [{} for _ in range(n)]
         # The lowest live rank's replica is the one evaluated (worker 0's until it dies, as in a real run): its
         # protocol sees the evaluation (the stop rule on accuracy), and the outcome keeps every record in order.
         self._evaluator = 0
@@ -169,6 +180,8 @@ class Simulation:
             and failures.crash_rate == 0
             and not failures.link_down
         )
+        if resume is not None:
+            self._resume(resume)
 
     # -- checkpoints ------------------------------------------------------------------------------------
     def _extra_state(self, w: int) -> Callable[[], dict]:
@@ -182,17 +195,43 @@ class Simulation:
         if len(states) != n or [s.rank for s in states] != list(range(n)):
             raise CheckpointError(f"a resume needs the parts of all {n} workers in rank order")
         for w, state in enumerate(states):
+            arrivals = state.extra.get("channel_arrivals")
+            timed = arrivals is not None and len(arrivals) == len(state.channel)
             self.protocols[w] = WorkerProtocol.resume(
-                self.workers[w], self.policy, state, self.outcome.records, extra_state=self._extra_state(w)
+                self.workers[w],
+                self.policy,
+                state,
+                self.outcome.records,
+                redeliver=not timed,  # timed: each arrives when it arrived in the original run instead
+                extra_state=self._extra_state(w),
             )
             self.samplers[w].set_state(state.extra["sampler"])
             self._rngs[w].bit_generator.state = state.extra["compute_rng"]
-        self._t0 = max(s.time for s in states)
+            if timed:
+                for msg, (arrival, order) in zip(state.channel, arrivals):
+                    self.net.inject(w, msg, float(arrival), int(order) - _BEFORE_THE_CUT)
+        self._resume_at = [s.time for s in states]
+        self._t0 = min(self._resume_at)
+        self._first_eval = max(self._t0, self.protocols[self._evaluator].next_eval)
+
+    def _poll(self, w: int) -> list:
+        msgs = self.transports[w].poll()
+        seen = self._arrival_of
+        if seen is not None and self.checkpoint[w] is None and self.clock.now() >= (self.checkpoint_at or 0.0):
+            note = seen[w]
+            for msg, arrival in zip(msgs, self.net.arrivals[w]):  # type: ignore[index]
+                note[id(msg)] = arrival
+        return msgs
 
     def _collect(self, w: int) -> None:
         p = self.protocols[w]
         if p.checkpoint_ready:
-            self.checkpoint[w] = p.checkpoint_state()
+            state = p.checkpoint_state()
+            if self._arrival_of is not None:
+                note = self._arrival_of[w]
+                state.extra = {**state.extra, "channel_arrivals": [list(note[id(m)]) for m in state.channel]}
+                self._arrival_of[w] = {}
+            self.checkpoint[w] = state
 
     @property
     def checkpoint_complete(self) -> bool:
@@ -209,13 +248,17 @@ class Simulation:
         for a, b, start, end in self.failures.link_down:
             self.net.add_outage(a, b, start, end)
         self.clock.advance_to(self._t0)
-        self.events.push(self._t0, EventKind.EVALUATE)
+        self.events.push(self._first_eval, EventKind.EVALUATE)
         self._eval_pending = 1
         if self.checkpoint_at is not None:
             self.events.push(max(self.checkpoint_at, self._t0), EventKind.CHECKPOINT, 0)
             self._eval_pending += 1  # counted with the evaluations: it never stalls a run by itself
-        for w in range(n):
-            self._start(w)
+        if self._resume_at is None:
+            for w in range(n):
+                self._start(w)
+        else:
+            for w, t in enumerate(self._resume_at):
+                self.events.push(t, EventKind.RESUME, w)
         while self.events:
             t, kind, a, b = self.events.pop()
             if t > self._drain_deadline:
@@ -233,6 +276,8 @@ class Simulation:
                 self._crash(a)
             elif kind == EventKind.PEER_DEAD:
                 self._peer_dead(a, b)
+            elif kind == EventKind.RESUME:
+                self._start(a)
             elif kind == EventKind.CHECKPOINT:
                 self._eval_pending -= 1
                 self._checkpoint_due = True
@@ -283,7 +328,7 @@ class Simulation:
                 self._send(w, self.protocols[w].begin_checkpoint(self.checkpoint_id, t))
             except CheckpointError:
                 pass  # refused (the reason is in protocols[0].checkpoint_refused); the run goes on
-        out, action = self.protocols[w].step(t, self.transports[w].poll(), self.net.stats[w].dead_peers)
+        out, action = self.protocols[w].step(t, self._poll(w), self.net.stats[w].dead_peers)
         self._send(w, out)
         self._collect(w)
         if self.protocols[w].phase is Phase.DRAINING:
@@ -397,7 +442,7 @@ class Simulation:
         if state != _DRAINING or self.clock.now() < self._wake_at[w]:
             return  # a stale wake-up: an earlier one was scheduled after it
         self._wake_at[w] = math.inf
-        self._check_drained(w, self.transports[w].poll())
+        self._check_drained(w, self._poll(w))
 
     def _crash(self, w: int) -> None:
         if self._state[w] in (_DONE, _DEAD):
@@ -431,7 +476,7 @@ class Simulation:
         if self._state[w] == _WAITING:
             self._start(w)
         elif self._state[w] == _DRAINING:
-            self._check_drained(w, self.transports[w].poll())
+            self._check_drained(w, self._poll(w))
 
     def _stalled(self) -> None:
         """Nothing is left to happen but evaluations: every worker still training waits on peers that will never

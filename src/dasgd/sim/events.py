@@ -25,6 +25,7 @@ class EventKind(IntEnum):
     LINK_UP = 7
     PEER_DEAD = 8  # worker a notices that its neighbour b died (its link closed)
     CHECKPOINT = 9  # worker a starts a checkpoint at its next step
+    RESUME = 10  # worker a takes its first step after a resume (at its local snapshot's time)
 
 
 @dataclass(order=True)

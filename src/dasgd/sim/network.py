@@ -97,6 +97,8 @@ class SimNetwork:
         self._log_entry: list[tuple[float, int, int, Message]] = []  # (arrival, seq, src, msg)
         self._log_base = 0  # log position of _log_time[0]
         self._cursor = [0] * n
+        self.arrivals: list[list[tuple[float, int]]] | None = None
+        """With :meth:`track_arrivals`: per receiver, ``(arrival time, order)`` of each message of its last poll."""
         self._retired = [False] * n
         self._retired_count = 0
         # Bundled polls (bundles.py): only for algorithms whose updates commute, chosen by the engine.
@@ -105,6 +107,17 @@ class SimNetwork:
         self._simple = (
             not model.overrides and model.loss == 0 and d.latency_sigma == 0 and d.bandwidth == float("inf")
         )
+
+    def track_arrivals(self) -> None:
+        """From now on each poll notes when its messages arrived and their order (``arrivals``): what a
+        checkpoint saves of its channel state so that a resumed run delivers it at the same moments."""
+        self.arrivals = [[] for _ in range(self.n)]
+
+    def inject(self, dst: int, msg: Message, arrival: float, order: int) -> None:
+        """Queue ``msg`` for ``dst`` at ``arrival``, ahead of anything sent with the same arrival time when
+        ``order`` is negative (a checkpoint's channel state on resume: it was sent before the cut)."""
+        heapq.heappush(self._inboxes[dst], (arrival, order, msg))
+        self._on_arrival(dst, arrival)
 
     def endpoint(self, rank: int) -> SimTransport:
         return SimTransport(self, rank)
@@ -297,6 +310,11 @@ class SimNetwork:
             self.stats[rank].received_messages += parts
             return out  # type: ignore[return-value]  # bundles stand in for runs of messages
         broadcast = [e for e in self._log_entry[start:end] if e[2] != rank]
+        if self.arrivals is not None:
+            merged = list(heapq.merge(direct, broadcast, key=lambda e: (e[0], e[1])))
+            self.arrivals[rank] = [(e[0], e[1]) for e in merged]
+            self.stats[rank].received_messages += len(merged)
+            return [e[-1] for e in merged]
         if broadcast and direct:
             out = [e[-1] for e in heapq.merge(direct, broadcast, key=lambda e: (e[0], e[1]))]
         else:

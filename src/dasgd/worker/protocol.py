@@ -428,10 +428,10 @@ class WorkerProtocol:
             cut = self._cut
             if cut is not None and m.sender in cut.open:
                 # In flight across the cut: applied now (training goes on) and saved, to be delivered again on
-                # resume. A copy, so that nothing that changes the live tensor later changes the saved one.
-                payload = None if m.payload is None else m.payload.detach().clone()
-                clock = None if m.clock is None else m.clock.copy()
-                cut.channel.append(Message(m.kind, m.sender, m.origin, m.lo, m.hi, payload, clock))
+                # resume. The message object itself: a delivered message's payload is never changed afterwards
+                # (queues clone before they sum into an entry), and a driver may recognise it (the simulator
+                # notes when each one arrived).
+                cut.channel.append(m)
             part.append(m)
         if part:
             out += self.worker.receive(part)
