@@ -231,9 +231,32 @@ def test_refused_checkpoints_say_why():
     c.send(0, c.protos[0].stop(0.0, "test"))
     with pytest.raises(CheckpointError, match="draining"):
         c.begin(0)
+    dead = Cluster(_spec(workers=3))
+    dead.workers[0].declare_dead(2)
+    with pytest.raises(CheckpointError, match="died"):
+        dead.begin(0)
     sync = Cluster(_spec(workers=2, algorithm="sync"))
     with pytest.raises(CheckpointError, match="sync cannot be checkpointed"):
         sync.begin(0)
+
+
+def test_a_stop_during_a_cut():
+    """A worker that stopped before the marker reached it refuses it (the checkpoint never completes); one
+    that stops after its snapshot finishes its part in its drain."""
+    c = Cluster(_spec(workers=3))
+    c.compute(0)
+    c.send(2, c.protos[2].stop(c.t, "test", tell_peers=False))
+    c.begin(0)
+    for r in range(3):
+        c.poll(r) if r != 2 else c.send(2, c.protos[2].drain(c.t, c.ends[2].poll(), ())[0])
+    assert "draining" in c.protos[2].checkpoint_refused and c.parts[2] is None
+    c = Cluster(_spec(workers=2))
+    c.begin(0)
+    c.send(0, c.protos[0].stop(c.t, "test", tell_peers=False))  # after the snapshot: FINAL follows the marker
+    c.poll(1)
+    assert c.parts[1] is not None and c.parts[1].channel == []
+    c.send(0, c.protos[0].drain(c.t, c.ends[0].poll(), ())[0])
+    assert c.parts[0] is not None and c.parts[0].worker["computed"] == 0
 
 
 def test_sampler_state_continues_the_stream():
