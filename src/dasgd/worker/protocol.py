@@ -270,8 +270,9 @@ class WorkerProtocol:
         an algorithm that cannot be resumed, a checkpoint in progress); training goes on either way."""
         if not 0 <= cid <= MAX_GRADIENT_ID:
             raise CheckpointError(f"a checkpoint id is in [0, 2**62], got {cid}")
-        if cid <= self._last_cid or (self._cut is not None and self._cut.cid >= cid):
-            raise CheckpointError(f"checkpoint ids increase over a run: {cid} follows {max(self._last_cid, self._cut.cid if self._cut else -1)}")
+        latest = max(self._last_cid, self._cut.cid if self._cut is not None else -1)
+        if cid <= latest:
+            raise CheckpointError(f"checkpoint ids increase over a run: {cid} follows {latest}")
         self._now = now
         why = self._snapshot_refusal()
         if why:
