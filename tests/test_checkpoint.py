@@ -144,7 +144,7 @@ def _check_end(cluster, expected_total=None):
 ops = st.lists(st.tuples(st.sampled_from(["compute", "poll"]), st.integers(0, 4)), min_size=4, max_size=30)
 
 
-@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(
     before=ops,
     during=ops,
