@@ -429,7 +429,8 @@ def flag_sets(draw: st.DrawFn) -> list[str]:
 
 def assert_refused_or_ran(rc: int, err: str, run: Path) -> None:
     """rc 2 with one ``dasgd: error:`` line (argparse adds its usage), or a run that wrote its directory (rc 1:
-    the run itself reported a failure, e.g. every worker crashed, each problem one ``dasgd:`` line)."""
+    the run itself reported a failure, e.g. every worker crashed, each problem one ``dasgd:`` line; rc 3: the
+    run diverged, said in one line, and its directory is written with the point marked)."""
     assert "Traceback" not in err, err
     lines = [line for line in err.splitlines() if line.strip()]
     if rc == 2:
@@ -437,8 +438,10 @@ def assert_refused_or_ran(rc: int, err: str, run: Path) -> None:
         assert len(errors) == 1, err
         assert all(line.startswith(("usage:", " ", "(see `", "dasgd: error: ")) for line in lines), err
         return
-    assert rc in (0, 1), (rc, err)
+    assert rc in (0, 1, 3), (rc, err)
     assert all(line.startswith("dasgd: ") for line in lines), err
+    if rc == 3:
+        assert any(line.startswith("dasgd: error: the run diverged") for line in lines), err
     assert rc == 1 or (run / "summary.json").is_file(), err
 
 

@@ -91,6 +91,24 @@ def test_batched_and_one_by_one_gradients_give_the_same_run():
         torch.testing.assert_close(e1.workers[w].params, e2.workers[w].params, rtol=1e-4, atol=1e-5)
 
 
+def run_plugin(algorithm: type, policy: StopPolicy, workers: int = 3):
+    """Simulate ``workers`` quadratic workers, each running a fresh ``algorithm()`` plug-in, under ``policy``."""
+    spec = quad_spec(workers=workers, max_gradients=60)
+    task = build_task(spec)
+    resolved = resolve(spec)
+    samplers = [build_sampler(spec, r, task, resolved) for r in range(workers)]
+    built = []
+    for r in range(workers):
+        w = build_worker(spec, r, task, resolved, send_clock=False, sampler=samplers[r])
+        w.algorithm = algorithm()
+        w.algorithm.bind(w)
+        built.append(w)
+    sim = Simulation(
+        built, samplers, task, compute_model(spec), network_model(spec), FailurePlan(), policy, seed=0
+    )
+    return built, sim.run()
+
+
 def test_the_simulator_drives_whatever_algorithm_the_worker_was_given():
     """No copy of the algorithm inside the simulator: a plug-in defined here runs unchanged."""
     calls = {"local": 0, "remote": 0}
@@ -108,26 +126,7 @@ def test_the_simulator_drives_whatever_algorithm_the_worker_was_given():
             calls["remote"] += 1
             return [Step(msg.payload, self.worker.lr / 2)]
 
-    spec = quad_spec(workers=3, max_gradients=60)
-    task = build_task(spec)
-    resolved = resolve(spec)
-    samplers = [build_sampler(spec, r, task, resolved) for r in range(3)]
-    workers = []
-    for r in range(3):
-        w = build_worker(spec, r, task, resolved, send_clock=False, sampler=samplers[r])
-        w.algorithm = HalfStepRemote()
-        w.algorithm.bind(w)
-        workers.append(w)
-    Simulation(
-        workers,
-        samplers,
-        task,
-        compute_model(spec),
-        network_model(spec),
-        FailurePlan(),
-        StopPolicy(max_gradients=60),
-        seed=0,
-    ).run()
+    workers, _ = run_plugin(HalfStepRemote, StopPolicy(max_gradients=60))
     assert calls["local"] == sum(w.computed for w in workers)
     assert calls["remote"] > 0
     assert isinstance(workers[0], Worker)
@@ -397,26 +396,7 @@ def test_a_run_whose_workers_wait_on_each_other_forever_stops_as_stalled():
         def ready(self):
             return self.worker.computed < 3
 
-    spec = quad_spec(workers=3, max_gradients=60)
-    task = build_task(spec)
-    resolved = resolve(spec)
-    samplers = [build_sampler(spec, r, task, resolved) for r in range(3)]
-    workers = []
-    for r in range(3):
-        w = build_worker(spec, r, task, resolved, send_clock=False, sampler=samplers[r])
-        w.algorithm = WaitsForever()
-        w.algorithm.bind(w)
-        workers.append(w)
-    out = Simulation(
-        workers,
-        samplers,
-        task,
-        compute_model(spec),
-        network_model(spec),
-        FailurePlan(),
-        StopPolicy(max_gradients=60, eval_every=0.01),
-        seed=0,
-    ).run()
+    workers, out = run_plugin(WaitsForever, StopPolicy(max_gradients=60, eval_every=0.01))
     assert out.stop_reason == ["stalled"] * 3
     assert all(out.drained)
     assert [w.computed for w in workers] == [3, 3, 3]
