@@ -122,6 +122,13 @@ class RunSpec:
     startup_timeout: float = setting(300.0, "seconds every worker may take to join and load its data")
     """Real runs: how long workers wait for each other at each start-up stage; a worker that did not arrive
     in time is named in the error (it died or never started)."""
+    checkpoint_every: float = setting(
+        300.0, "real runs: seconds between checkpoints in RUN_DIR/checkpoints (0: none)", metavar="S"
+    )
+    """Real runs: every S seconds the lowest live worker starts a consistent cut (docs/design.md, "Checkpoints");
+    every worker writes its part from a background thread while it trains, the launcher writes the manifest once
+    all parts are there, and the last 2 complete checkpoints are kept. 0 takes none. The default (5 minutes)
+    bounds the work a crash loses while a checkpoint of a small model costs well under a second of writing."""
     audit: bool = setting(
         False, "write each replica's audit trail to RUN_DIR/audit/ for an independent check (small runs)"
     )
@@ -455,6 +462,11 @@ def _check(spec: RunSpec, task_names: tuple[str, ...], algorithms: tuple[str, ..
             "no CUDA device is visible to torch here; use --device cpu, or install a CUDA build of torch",
         )
     need(spec.drain_timeout > 0, "drain_timeout", "must be positive (seconds)")
+    need(
+        math.isfinite(spec.checkpoint_every) and spec.checkpoint_every >= 0,
+        "checkpoint_every",
+        "must be a number of seconds >= 0 (0: no checkpoints)",
+    )
     if spec.tensorboard:
         import importlib.util
 

@@ -22,7 +22,8 @@ from dasgd.core.ledger import StalenessLedger
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import RecordStream, StreamedLedger
-from dasgd.runs.build import build_task, build_worker, resolve, secret_key, stop_policy
+from dasgd.runs.build import build_sampler, build_task, build_worker, resolve, secret_key, stop_policy
+from dasgd.runs.checkpoints import PartWriter
 from dasgd.runs.results import OutputOptions, run_log, summarize, worker_shard, write_run_outputs
 from dasgd.runs.summary import RunSummary
 from dasgd.runtime.clock import WallClock
@@ -112,7 +113,8 @@ def run_process(
         task = build_task(spec)
         resolved = resolve(spec)
         device = _device(spec)
-        worker = build_worker(spec, rank, task, resolved, device=device)
+        sampler = build_sampler(spec, rank, task, resolved)
+        worker = build_worker(spec, rank, task, resolved, device=device, sampler=sampler)
         if spec.audit:
             worker.start_audit(run_dir / "audit")
         transport = _make_transport(spec, session, worker, device)
@@ -141,6 +143,8 @@ def run_process(
 
         inline = os.environ.get(EVAL_INLINE_ENV) == "1"
         policy = stop_policy(spec, task, simulated=False)
+        # Checkpoints are taken under the embedded launcher, which finalises them (runs/checkpoints.py).
+        writer = PartWriter(run_dir, spec) if results_dir is not None and spec.checkpoint_every > 0 else None
         loop = WorkerLoop(
             worker,
             transport,
@@ -152,8 +156,15 @@ def run_process(
             slowdown=spec.slowdown(rank),
             on_evaluation=stream.evaluation if stream is not None else None,
             evaluate_model=None if inline else evaluate_model,
+            checkpoint_every=spec.checkpoint_every if writer is not None else 0.0,
+            on_checkpoint=writer.submit if writer is not None else None,
+            extra_state=lambda: {"sampler": sampler.state()},
         )
         result = loop.run()
+        if writer is not None:
+            writer.close()
+            for line in [*writer.errors, *loop.checkpoint_errors]:
+                sys.stderr.write(f"dasgd worker {rank}: {line}\n")
         if worker.audit is not None:
             worker.save_audit()
         evaluates = loop.evaluates

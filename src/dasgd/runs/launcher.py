@@ -30,6 +30,7 @@ from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import read_stream
 from dasgd.runs.build import secret_key, with_task_defaults
+from dasgd.runs.checkpoints import finalize_ready
 from dasgd.runs.results import OutputOptions, PhaseCallback, run_log, summarize, write_run_outputs
 from dasgd.runs.summary import RunSummary
 
@@ -143,7 +144,14 @@ def launch_local(
                     stdin=subprocess.DEVNULL,
                 )
             )
-        failures = _watch(procs, progress_dir, on_progress, stall_timeout)
+        written = with_task_defaults(spec)
+
+        def on_tick() -> None:
+            if spec.checkpoint_every > 0:
+                finalize_ready(run_dir, written)
+
+        failures = _watch(procs, progress_dir, on_progress, stall_timeout, on_tick)
+        on_tick()  # parts written just before the workers exited
     except BaseException:
         for p in procs:
             if p.poll() is None:
@@ -223,6 +231,7 @@ def _watch(
     progress_dir: Path,
     on_progress: Callable[[list[dict]], None] | None,
     stall_timeout: float,
+    on_tick: Callable[[], None] | None = None,
 ) -> dict[int, int]:
     """Follow the workers until all have exited; return {rank: exit code} of those that failed.
 
@@ -239,6 +248,8 @@ def _watch(
             last_change = time.monotonic()
             if on_progress is not None:
                 on_progress(seen)
+        if on_tick is not None:
+            on_tick()
         if all(c is not None for c in codes):
             return {r: c for r, c in enumerate(codes) if c != 0}
         if time.monotonic() - last_change > stall_timeout:

@@ -17,6 +17,7 @@ from dasgd.core.ledger import StalenessLedger
 from dasgd.runtime.clock import Clock
 from dasgd.runtime.evaluation import BackgroundEvaluator, EvaluationCost
 from dasgd.transport.base import Transport
+from dasgd.worker.checkpoint import CheckpointError, WorkerState
 from dasgd.worker.protocol import Compute, Finished, Phase, StopPolicy, WorkerProtocol
 from dasgd.worker.worker import Outgoing, Worker
 
@@ -66,6 +67,15 @@ class WorkerLoop:
             goes on; the record (snapshot time, gradients held then, metrics) is taken when the metrics come
             back, one evaluation at a time, so records stay in order and the target-accuracy stop fires from
             them a little later. Takes precedence over ``evaluator`` (which runs on the training thread).
+        checkpoint_every: seconds between checkpoints (0: none). The lowest live rank this worker knows of
+            starts checkpoint ``floor(t / checkpoint_every)`` at clock time ``t`` (the clocks share an origin,
+            so ids increase over the run whoever starts them); markers do the rest (docs/design.md).
+        on_checkpoint: called with this worker's part of a checkpoint once complete (a
+            :class:`~dasgd.worker.checkpoint.WorkerState`), on the training thread: hand it to a writer that
+            works in the background.
+        extra_state: the driver's state saved with each part (the batch sampler's, JSON-able).
+        resume_from: this worker's part of the checkpoint to continue from (the worker is built, not loaded:
+            the protocol loads it; ``extra_state``'s owner restores its own part).
     """
 
     def __init__(
@@ -81,6 +91,10 @@ class WorkerLoop:
         progress_every: float = 0.25,
         on_evaluation: Callable[[dict], None] | None = None,
         evaluate_model: Callable[[Any], Mapping[str, float]] | None = None,
+        checkpoint_every: float = 0.0,
+        on_checkpoint: Callable[[WorkerState], None] | None = None,
+        extra_state: Callable[[], dict] | None = None,
+        resume_from: WorkerState | None = None,
     ) -> None:
         self.worker = worker
         self.transport = transport
@@ -97,6 +111,12 @@ class WorkerLoop:
         """The background evaluator, once this worker took its first evaluation with ``evaluate_model``."""
         self.inline_cost = EvaluationCost(background=False)
         """What the evaluations on the training thread (``evaluator``) cost: all of it pauses training."""
+        self.checkpoint_every = checkpoint_every
+        self.on_checkpoint = on_checkpoint
+        self.extra_state = extra_state
+        self.resume_from = resume_from
+        self.checkpoint_errors: list[str] = []
+        """Why checkpoints this worker started were refused (a worker died, the run is stopping, ...)."""
         self.protocol: WorkerProtocol | None = None
 
     @property
@@ -110,15 +130,23 @@ class WorkerLoop:
     def run(self) -> LoopResult:
         """Train until a stop rule fires here or a peer asks to stop, then drain. Returns what happened."""
         w, clock, transport = self.worker, self.clock, self.transport
-        p = self.protocol = WorkerProtocol(w, self.policy, self.ledger, start=clock.now())
-        next_progress = p.start
+        if self.resume_from is None:
+            p = WorkerProtocol(w, self.policy, self.ledger, start=clock.now(), extra_state=self.extra_state)
+        else:
+            p = WorkerProtocol.resume(
+                w, self.policy, self.resume_from, self.ledger, redeliver=True, extra_state=self.extra_state
+            )
+        self.protocol = p
+        next_progress = clock.now()
         while True:
             now = clock.now()
             if self.evaluates:
                 self._evaluate(p, now)
+            self._maybe_begin_checkpoint(p, now)
             dead = transport.stats().dead_peers  # before polling: see the drain below
             out, action = p.step(clock.now(), transport.poll(), dead)
             send_all(transport, out)
+            self._hand_over(p)
             if isinstance(action, Compute):
                 t0 = clock.now()
                 gradient = w.compute()
@@ -128,6 +156,7 @@ class WorkerLoop:
                     clock.sleep((self.slowdown - 1.0) * (t1 - t0))
                     t1 = clock.now()
                 send_all(transport, p.gradient_done(gradient, t0, t1))
+                self._hand_over(p)
                 if self.on_progress is not None and t1 >= next_progress:
                     self.on_progress(self._progress(t1))
                     next_progress = t1 + self.progress_every
@@ -143,6 +172,7 @@ class WorkerLoop:
             dead = set(transport.stats().dead_peers)
             out, action = p.drain(clock.now(), transport.poll(), dead)
             send_all(transport, out)
+            self._hand_over(p)  # a cut every worker joined before stopping may complete during the drain
             self._collect(p, block=False)
             if isinstance(action, Finished):
                 break
@@ -163,6 +193,35 @@ class WorkerLoop:
         else:
             cost = self.inline_cost.to_dict() if self.inline_cost.evaluations else {}
         return LoopResult(p.stop_reason, p.train_end, flushed, drain_end, p.evals, cost)
+
+    @property
+    def initiates_checkpoints(self) -> bool:
+        """Whether this worker starts the checkpoints: the lowest live rank it knows of."""
+        w = self.worker
+        return self.checkpoint_every > 0 and (w.rank == 0 or w.dead.issuperset(range(w.rank)))
+
+    def _maybe_begin_checkpoint(self, p: WorkerProtocol, now: float) -> None:
+        if not self.initiates_checkpoints or p.checkpointing is not None:
+            return
+        cid = int(now // self.checkpoint_every)
+        if cid <= self._last_started:
+            return
+        self._last_started = cid
+        if cid <= 0 or (self.resume_from is not None and cid <= self.resume_from.checkpoint):
+            return  # none at the very start; after a resume, ids go on above the one resumed from
+        try:
+            send_all(self.transport, p.begin_checkpoint(cid, now))
+        except CheckpointError as e:
+            self.checkpoint_errors.append(str(e))
+        self._hand_over(p)  # a worker without incoming links completes its part at once
+
+    _last_started = 0
+
+    def _hand_over(self, p: WorkerProtocol) -> None:
+        if p.checkpoint_ready:
+            state = p.checkpoint_state()
+            if self.on_checkpoint is not None:
+                self.on_checkpoint(state)
 
     def _evaluate(self, p: WorkerProtocol, now: float) -> None:
         """Collect a finished background evaluation; start the next one (or evaluate inline) when due."""
