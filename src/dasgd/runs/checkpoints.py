@@ -20,7 +20,13 @@ from pathlib import Path
 from typing import Any
 
 from dasgd.experiments.spec import RunSpec
-from dasgd.worker.checkpoint import CheckpointError, WorkerState, checkpoint_complete, finalize_checkpoint, write_worker_checkpoint
+from dasgd.worker.checkpoint import (
+    CheckpointError,
+    WorkerState,
+    checkpoint_complete,
+    finalize_checkpoint,
+    write_worker_checkpoint,
+)
 
 __all__ = ["KEEP", "PartWriter", "checkpoint_dir", "checkpoint_identity", "complete_checkpoints", "finalize_ready"]
 
