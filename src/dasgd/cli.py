@@ -57,6 +57,11 @@ def build_parser() -> argparse.ArgumentParser:
     add_spec_flags(train)
     train.add_argument("--no-progress", action="store_true", help="no progress bar")
     train.add_argument("--json", action="store_true", help="print the summary as JSON")
+    train.add_argument(
+        "--resume",
+        metavar="RUN_DIR",
+        help="continue RUN_DIR's run from its last complete checkpoint (its spec.yaml; flags given override it)",
+    )
     simulate = sub.add_parser(
         "simulate",
         help="run the same spec in the discrete-event simulator (virtual time, many workers)",
@@ -101,14 +106,14 @@ def _spec_from_args(args: argparse.Namespace) -> Any:
 def _train(args: argparse.Namespace) -> int:
     from dasgd.runtime.session import in_torchrun
 
+    if args.resume:
+        return _resume(args)
     spec = _spec_from_args(args)
     if in_torchrun() and "DASGD_PROGRESS_DIR" not in os.environ:
         return _train_as_torchrun_rank(args, spec)
     import dataclasses
 
     from dasgd.runs.build import build_task, secret_key, with_task_defaults
-    from dasgd.runs.launcher import launch_local
-    from dasgd.runs.report import format_summary
 
     run_dir = choose_run_dir(args, spec, spec.task)  # a re-run of an earlier run's spec.yaml: a new directory
     # Topology errors surface here, before any process starts; spec.yaml records the lr and batch size used.
@@ -116,15 +121,55 @@ def _train(args: argparse.Namespace) -> int:
     build_task(spec)  # a missing dataset is reported here, with its install command
     secret_key(spec)  # so is an unset --secret-env variable, before any worker starts
     prepare_output_dir(args, run_dir)  # an earlier run there is refused (or cleared: --overwrite)
+    return _launch(args, spec, run_dir)
+
+
+def _resume(args: argparse.Namespace) -> int:
+    """``dasgd train --resume RUN_DIR``: check the checkpoint (nothing is changed if refused), then launch."""
+    import dataclasses
+
+    from dasgd.experiments.spec import SpecError, load_spec_file, resolve_spec
+    from dasgd.runs.build import build_task, secret_key, with_task_defaults
+    from dasgd.runs.checkpoints import ResumeRefused, resume_point
+
+    run_dir = Path(args.resume)
+    if args.spec or args.run_dir:
+        raise SpecError("--resume RUN_DIR reads RUN_DIR/spec.yaml: give neither --spec nor --run-dir with it")
+    if not (run_dir / "spec.yaml").is_file():
+        print(f"dasgd: error: cannot resume {run_dir}: not a run directory (no spec.yaml)", file=sys.stderr)
+        return EXIT_USAGE
+    spec = resolve_spec(load_spec_file(run_dir / "spec.yaml"), **spec_overrides(args))
+    spec = dataclasses.replace(with_task_defaults(spec), run_dir=str(run_dir))
+    try:
+        resume = resume_point(run_dir, spec)
+    except ResumeRefused as exc:
+        print(f"dasgd: error: {exc}", file=sys.stderr)
+        return EXIT_USAGE
+    build_task(spec)
+    secret_key(spec)
+    return _launch(args, spec, run_dir, resume)
+
+
+def _launch(args: argparse.Namespace, spec: Any, run_dir: Path, resume: Any = None) -> int:
+    from dasgd.runs.launcher import launch_local
+    from dasgd.runs.report import format_summary
+
     update, on_phase, close = progress_printer(spec, not args.no_progress and sys.stderr.isatty())
     try:
-        summary = launch_local(spec, run_dir, on_progress=update, on_phase=on_phase)
+        summary = launch_local(spec, run_dir, on_progress=update, on_phase=on_phase, resume=resume)
     finally:
         close()
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2, default=plain))
     else:
         print(format_summary(summary))
+        from dasgd.runs.summary import UNSET
+
+        if summary.recomputed_after_resume is not UNSET:
+            print(
+                f"recomputed after resume: {summary.recomputed_after_resume} gradients (computed after the "
+                "checkpoint before the interruption, discarded)"
+            )
         print(f"run directory: {run_dir}  (report: {run_dir / 'report.md'})")
     problems = []
     if summary.failed_workers:

@@ -19,16 +19,26 @@ import threading
 from pathlib import Path
 from typing import Any
 
+from dasgd.errors import DasgdError
 from dasgd.experiments.spec import RunSpec
 from dasgd.worker.checkpoint import (
+    MANIFEST,
     CheckpointError,
     WorkerState,
     checkpoint_complete,
     finalize_checkpoint,
+    read_checkpoint,
     write_worker_checkpoint,
 )
 
-__all__ = ["KEEP", "PartWriter", "checkpoint_dir", "checkpoint_identity", "complete_checkpoints", "finalize_ready"]
+__all__ = ["RESUME_DIR_ENV", "RESUME_HISTORY_ENV", "RESUME_TIME_ENV", "KEEP", "PartWriter", "ResumeRefused", "resume_point", "checkpoint_dir", "checkpoint_identity", "complete_checkpoints", "finalize_ready"]
+
+RESUME_DIR_ENV = "DASGD_RESUME_DIR"
+"""A resumed worker's checkpoint directory (set by the launcher)."""
+RESUME_TIME_ENV = "DASGD_RESUME_TIME"
+"""The clock time the resumed run goes on from: the latest local snapshot of the checkpoint."""
+RESUME_HISTORY_ENV = "DASGD_RESUME_HISTORY"
+"""Where the interrupted run's record streams were moved: each worker carries its records up to the cut over."""
 
 KEEP = 2
 """How many complete checkpoints a run keeps (the newest)."""
@@ -131,3 +141,33 @@ class PartWriter:
     def close(self, timeout: float | None = None) -> None:
         self._queue.put(None)
         self._thread.join(timeout)
+
+
+class ResumeRefused(DasgdError, ValueError):
+    """``--resume RUN_DIR`` cannot continue that run (no checkpoint, a partial or corrupted one, another spec)."""
+
+
+def resume_point(run_dir: Path, spec: RunSpec) -> tuple[Path, list[WorkerState]]:
+    """The checkpoint a resume of ``run_dir`` continues from (the newest complete one) and its parts, checked
+    (manifest, checksums, the run's identity as ``spec`` gives it). Reads only: nothing is changed on disk.
+
+    Raises :class:`ResumeRefused` with one line saying why it cannot be resumed."""
+    run_dir = Path(run_dir)
+    ids = _ids(run_dir)
+    if not ids:
+        raise ResumeRefused(
+            f"{run_dir} has no checkpoint to resume from (none was completed: was --checkpoint-every 0, or did "
+            "the run end before its first one?)"
+        )
+    complete = complete_checkpoints(run_dir)
+    if not complete:
+        newest = checkpoint_dir(run_dir, ids[-1])
+        raise ResumeRefused(
+            f"{newest} is a partial checkpoint ({MANIFEST} missing: not every worker's part was written) and "
+            "there is no complete one to resume from"
+        )
+    path = checkpoint_dir(run_dir, complete[-1])
+    try:
+        return path, read_checkpoint(path, checkpoint_identity(spec))
+    except CheckpointError as e:
+        raise ResumeRefused(f"cannot resume from {path}: {e}") from None

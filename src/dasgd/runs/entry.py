@@ -21,9 +21,15 @@ import torch
 from dasgd.core.ledger import StalenessLedger
 from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
-from dasgd.metrics.stream import RecordStream, StreamedLedger
+from dasgd.metrics.stream import RecordStream, StreamedLedger, read_stream
 from dasgd.runs.build import build_sampler, build_task, build_worker, resolve, secret_key, stop_policy
-from dasgd.runs.checkpoints import PartWriter
+from dasgd.runs.checkpoints import (
+    RESUME_DIR_ENV,
+    RESUME_HISTORY_ENV,
+    RESUME_TIME_ENV,
+    PartWriter,
+    checkpoint_identity,
+)
 from dasgd.runs.results import OutputOptions, run_log, summarize, worker_shard, write_run_outputs
 from dasgd.runs.summary import RunSummary
 from dasgd.runtime.clock import WallClock
@@ -31,6 +37,7 @@ from dasgd.runtime.loop import WorkerLoop
 from dasgd.runtime.session import DistributedSession, StartupTimeout
 from dasgd.transport.handshake import HandshakeError, agree_run_nonce, spec_digest
 from dasgd.transport.torchdist import TorchDistTransport
+from dasgd.worker.checkpoint import WorkerState, read_worker_checkpoint
 
 __all__ = ["run_process", "PROGRESS_DIR_ENV", "RESULTS_DIR_ENV"]
 
@@ -93,6 +100,20 @@ def _make_transport(spec: RunSpec, session: DistributedSession, worker, device: 
     )
 
 
+def _carry_over(ledger: StalenessLedger, stream: RecordStream | None, state: WorkerState, history: str | None) -> None:
+    """Take this worker's gradient records up to the cut (ids below ``state.computed``) from the interrupted
+    run's stream into the new ledger (and stream), and its evaluations into the new stream: the resumed
+    run's log covers the whole run. Records after the cut are dropped: those gradients are computed again."""
+    old = read_stream(Path(history), state.rank, state.world_size) if history else None
+    if old is not None:
+        for i, t0, t1, c in zip(old.index, old.start, old.end, old.clock):
+            if i < state.computed:
+                ledger.record(state.rank, int(i), float(t0), float(t1), c)
+    if stream is not None:
+        for record in state.protocol.get("evals", []):
+            stream.evaluation(record)
+
+
 def run_process(
     spec: RunSpec, run_dir: Path, on_progress: Callable[[dict], None] | None = None
 ) -> RunSummary | None:
@@ -115,6 +136,12 @@ def run_process(
         device = _device(spec)
         sampler = build_sampler(spec, rank, task, resolved)
         worker = build_worker(spec, rank, task, resolved, device=device, sampler=sampler)
+        resumed: WorkerState | None = None
+        if os.environ.get(RESUME_DIR_ENV):
+            # A resume: this worker's part of the checkpoint (checked whole by the launcher; the protocol
+            # loads the replica, clock and channel state), and the sampler goes on where it was.
+            resumed = read_worker_checkpoint(Path(os.environ[RESUME_DIR_ENV]), rank, checkpoint_identity(spec))
+            sampler.set_state(resumed.extra["sampler"])
         if spec.audit:
             worker.start_audit(run_dir / "audit")
         transport = _make_transport(spec, session, worker, device)
@@ -124,6 +151,9 @@ def run_process(
         session.check_in("ready")
         session.barrier()  # every worker starts training together (a root's broadcast need not wait)
         clock = WallClock(session.shared_origin(time.time()))
+        if resumed is not None:
+            # The run's clock goes on from the checkpoint (the time it was down is not counted).
+            clock = WallClock(clock.origin - float(os.environ.get(RESUME_TIME_ENV) or resumed.time))
         # Under the embedded launcher, records and evaluations are streamed next to the shard as they are
         # taken, so a worker killed mid-run still leaves its gradients and evaluations (metrics/stream.py).
         # Each record reaches the OS before its gradient is pushed (the ledger records, then the worker commits),
@@ -131,6 +161,8 @@ def run_process(
         # microsecond, against a millisecond for the gradient itself) buys an exact account of a dead worker.
         stream = RecordStream(results_dir, rank, spec.workers, flush_every=0.0) if results_dir else None
         ledger = StalenessLedger(spec.workers) if stream is None else StreamedLedger(spec.workers, stream)
+        if resumed is not None:
+            _carry_over(ledger, stream, resumed, os.environ.get(RESUME_HISTORY_ENV))
         # Every worker can evaluate; the loop lets only the lowest live rank do it, so evaluation and the
         # target-accuracy stop survive the death of worker 0. It evaluates a snapshot of its replica on a
         # background thread, so evaluating does not make it a straggler (runtime/evaluation.py).
@@ -159,6 +191,7 @@ def run_process(
             checkpoint_every=spec.checkpoint_every if writer is not None else 0.0,
             on_checkpoint=writer.submit if writer is not None else None,
             extra_state=lambda: {"sampler": sampler.state()},
+            resume_from=resumed,
         )
         result = loop.run()
         if writer is not None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -30,9 +31,10 @@ from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import read_stream
 from dasgd.runs.build import secret_key, with_task_defaults
-from dasgd.runs.checkpoints import finalize_ready
+from dasgd.runs.checkpoints import RESUME_DIR_ENV, RESUME_HISTORY_ENV, RESUME_TIME_ENV, finalize_ready
 from dasgd.runs.results import OutputOptions, PhaseCallback, run_log, summarize, write_run_outputs
 from dasgd.runs.summary import RunSummary
+from dasgd.worker.checkpoint import WorkerState
 
 __all__ = ["RunFailed", "launch_local", "host_store", "store_env"]
 
@@ -89,6 +91,7 @@ def launch_local(
     on_progress: Callable[[list[dict]], None] | None = None,
     stall_timeout: float = 600.0,
     on_phase: PhaseCallback | None = None,
+    resume: tuple[Path, list[WorkerState]] | None = None,
 ) -> RunSummary:
     """Run ``spec`` with ``spec.workers`` local processes; return the run's summary, ``failed_workers`` set.
 
@@ -99,6 +102,11 @@ def launch_local(
         stall_timeout: seconds without any progress after which the run is declared hung and stopped.
         on_phase: hears the end-of-run phases once the workers are done (summarising, plotting, estimating
             the theory's constants, ...; :data:`~dasgd.runs.results.PhaseCallback`).
+        resume: the checkpoint to continue ``run_dir``'s run from and its parts
+            (:func:`~dasgd.runs.checkpoints.resume_point`): the workers load their parts; each one's
+            gradient records up to the cut are carried over from the interrupted run's streams, and the
+            gradients computed after the cut (discarded, computed again) are counted in the summary's
+            ``recomputed_after_resume``.
     """
     secret_key(spec)  # an unset --secret-env variable is reported here (SpecError), not by every worker
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -111,6 +119,9 @@ def launch_local(
     for old in progress_dir.glob("rank*.json"):
         old.unlink()
     shard_dir = run_dir / "shards"
+    resume_env: dict[str, str] = {}
+    if resume is not None:
+        resume_env = _prepare_resume(run_dir, shard_dir, resume)
     shard_dir.mkdir(exist_ok=True)
     for pattern in ("rank*.npz", "rank*.records", "rank*.evals.jsonl"):
         for old in shard_dir.glob(pattern):
@@ -126,6 +137,7 @@ def launch_local(
             "OMP_NUM_THREADS": "1",
             "DASGD_PROGRESS_DIR": str(progress_dir),
             "DASGD_RESULTS_DIR": str(shard_dir),
+            **resume_env,
         }
     )
     procs: list[subprocess.Popen] = []
@@ -165,7 +177,7 @@ def launch_local(
     finally:
         for f in log_files:
             f.close()
-    return _collect(spec, run_dir, shard_dir, logs, failures, on_phase)
+    return _collect(spec, run_dir, shard_dir, logs, failures, on_phase, _recomputed(run_dir))
 
 
 def _collect(
@@ -175,6 +187,7 @@ def _collect(
     logs: Path,
     failures: dict[int, int],
     on_phase: PhaseCallback | None = None,
+    recomputed: int | None = None,
 ) -> RunSummary:
     """Summarise the shards the workers left. A worker that died left no shard, but what it streamed as it
     went (its gradient records and evaluations, metrics/stream.py) joins the run's log and summary."""
@@ -212,8 +225,61 @@ def _collect(
         streams=streams,
     )
     summary = dataclasses.replace(summary, failed_workers={str(r): c for r, c in sorted(failures.items())})
+    if recomputed is not None:
+        summary = dataclasses.replace(summary, recomputed_after_resume=recomputed)
     write_run_outputs(run_dir, summary, log, options=OutputOptions.of(spec), on_phase=on_phase)
     return summary
+
+
+RESUMES = "resumes.json"
+"""RUN_DIR/resumes.json: one entry per resume of the run (checkpoint, time, gradients recomputed)."""
+
+
+def _prepare_resume(run_dir: Path, shard_dir: Path, resume: tuple[Path, list[WorkerState]]) -> dict[str, str]:
+    """Set ``run_dir`` up to continue from checkpoint ``resume``; return the workers' environment for it.
+
+    The interrupted run's streams move to ``shards-before-resume/`` (each worker carries its records up to
+    the cut over into its new stream); checkpoints after the one resumed from are removed (never completed:
+    their ids come again); the gradients computed after the cut are counted in ``resumes.json``."""
+    path, states = resume
+    history = run_dir / "shards-before-resume"
+    if shard_dir.is_dir():
+        if history.exists():
+            shutil.rmtree(history)
+        shard_dir.rename(history)
+    recomputed = 0
+    for state in states:
+        old = read_stream(history, state.rank, state.world_size)
+        if old is not None:
+            recomputed += max(0, old.computed - state.computed)
+    cid = states[0].checkpoint
+    for other in sorted(path.parent.iterdir()):
+        if other.is_dir() and other.name.isdigit() and int(other.name) > cid:
+            shutil.rmtree(other, ignore_errors=True)
+    entries = _resumes(run_dir)
+    entries.append({"checkpoint": cid, "time": max(s.time for s in states), "recomputed": recomputed})
+    (run_dir / RESUMES).write_text(json.dumps(entries, indent=1))
+    return {
+        RESUME_DIR_ENV: str(path),
+        RESUME_TIME_ENV: repr(max(s.time for s in states)),
+        RESUME_HISTORY_ENV: str(history),
+    }
+
+
+def _resumes(run_dir: Path) -> list[dict]:
+    try:
+        entries = json.loads((run_dir / RESUMES).read_text())
+    except (OSError, ValueError):
+        return []
+    return entries if isinstance(entries, list) else []
+
+
+def _recomputed(run_dir: Path) -> int | None:
+    """Gradients recomputed over every resume of the run (None: it was never resumed)."""
+    entries = _resumes(run_dir)
+    if not entries:
+        return None
+    return sum(int(e.get("recomputed", 0)) for e in entries if isinstance(e, dict))
 
 
 def _read_progress(progress_dir: Path, n: int) -> list[dict]:

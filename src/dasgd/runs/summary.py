@@ -287,6 +287,10 @@ class RunSummary(Mapping[str, Any]):
     failed_workers: dict[str, int] | Unset = optional_field()
     """Optional, from the local launcher (``dasgd train``, :func:`dasgd.train`): rank (as a string) -> exit
     code of each worker process that failed, ``{}`` when none did. Absent from simulated and torchrun runs."""
+    recomputed_after_resume: int | Unset = optional_field()
+    """Optional, from the local launcher, only for a run continued with ``dasgd train --resume``: the gradients
+    computed after the checkpoint it resumed from (over every resume), discarded and computed again. They are
+    not in the run's counts or log: those cover the run as it continued from the cut."""
     simulation: dict[str, Any] | Unset = optional_field()
     """Optional, from the simulator only: its settings (``SimSpec.to_dict()``) and facts: ``events``,
     ``virtual_end_s``, ``crashed_workers``, ``messages_lost``, ``gradients_lost_in_network``,
