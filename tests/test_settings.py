@@ -46,6 +46,7 @@ RUN_SAMPLES: dict[str, tuple[str | None, Any]] = {
     "secret_env": ("MY_SECRET", "MY_SECRET"),
     "drain_timeout": ("33", 33.0),
     "startup_timeout": ("44", 44.0),
+    "checkpoint_every": ("55", 55.0),
     "audit": (None, True),
     "diverge_factor": ("20", 20.0),
     "theory": (None, False),

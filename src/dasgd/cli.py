@@ -151,14 +151,22 @@ def _resume(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace, spec: Any, run_dir: Path, resume: Any = None) -> int:
-    from dasgd.runs.launcher import launch_local
+    from dasgd.runs.launcher import Interrupted, launch_local
     from dasgd.runs.report import format_summary
 
     update, on_phase, close = progress_printer(spec, not args.no_progress and sys.stderr.isatty())
     try:
         summary = launch_local(spec, run_dir, on_progress=update, on_phase=on_phase, resume=resume)
+    except Interrupted as exc:
+        interrupted: Interrupted | None = exc
+    else:
+        interrupted = None
     finally:
         close()
+    if interrupted is not None:
+        hint = f"; continue with: dasgd train --resume {run_dir}" if interrupted.checkpoint else ""
+        print(f"dasgd: {interrupted}{hint}", file=sys.stderr)
+        return interrupted.exit_code
     if args.json:
         print(json.dumps(summary.to_dict(), indent=2, default=plain))
     else:

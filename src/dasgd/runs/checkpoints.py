@@ -31,7 +31,7 @@ from dasgd.worker.checkpoint import (
     write_worker_checkpoint,
 )
 
-__all__ = ["RESUME_DIR_ENV", "RESUME_HISTORY_ENV", "RESUME_TIME_ENV", "KEEP", "PartWriter", "ResumeRefused", "resume_point", "checkpoint_dir", "checkpoint_identity", "complete_checkpoints", "finalize_ready"]
+__all__ = ["RESUME_DIR_ENV", "RESUME_HISTORY_ENV", "RESUME_TIME_ENV", "KEEP", "PartWriter", "ResumeRefused", "resume_point", "checkpoint_dir", "checkpoint_identity", "checkpoint_ids", "complete_checkpoints", "finalize_ready"]
 
 RESUME_DIR_ENV = "DASGD_RESUME_DIR"
 """A resumed worker's checkpoint directory (set by the launcher)."""
@@ -67,6 +67,11 @@ def checkpoint_identity(spec: RunSpec) -> dict[str, Any]:
         "batch_size": spec.batch_size,
         "grads_per_message": spec.grads_per_message,
     }
+
+
+def checkpoint_ids(run_dir: Path) -> list[int]:
+    """The ids of every checkpoint directory, complete or not, oldest first."""
+    return _ids(run_dir)
 
 
 def _ids(run_dir: Path) -> list[int]:

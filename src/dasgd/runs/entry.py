@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 import time
 from collections.abc import Callable
@@ -193,6 +194,9 @@ def run_process(
             extra_state=lambda: {"sampler": sampler.state()},
             resume_from=resumed,
         )
+        if writer is not None:
+            # The launcher asks for a checkpoint now (it was interrupted) with SIGUSR1; Ctrl-C is its to handle.
+            signal.signal(signal.SIGUSR1, lambda *_: setattr(loop, "checkpoint_requested", True))
         result = loop.run()
         if writer is not None:
             writer.close()
@@ -261,6 +265,11 @@ def main(argv: list[str] | None = None) -> int:
         sys.stderr.write("usage: python -m dasgd.runs.entry RUN_DIR\n")
         return 2
     run_dir = Path(args[0])
+    if os.environ.get(RESULTS_DIR_ENV):
+        # Under dasgd's launcher a Ctrl-C reaches the whole process group: the launcher handles it (a final
+        # checkpoint, then it stops the workers), so a worker does not die of it on its own.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a checkpoint request before training: nothing to save
     spec = resolve_spec(load_spec_file(run_dir / "spec.yaml"))
     try:
         run_process(spec, run_dir)

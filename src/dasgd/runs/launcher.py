@@ -17,12 +17,15 @@ import dataclasses
 import json
 import os
 import shutil
+import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from torch.distributed import TCPStore
 
@@ -31,12 +34,20 @@ from dasgd.experiments.spec import RunSpec
 from dasgd.metrics.shard import WorkerShard
 from dasgd.metrics.stream import read_stream
 from dasgd.runs.build import secret_key, with_task_defaults
-from dasgd.runs.checkpoints import RESUME_DIR_ENV, RESUME_HISTORY_ENV, RESUME_TIME_ENV, finalize_ready
+from dasgd.runs.checkpoints import (
+    RESUME_DIR_ENV,
+    RESUME_HISTORY_ENV,
+    RESUME_TIME_ENV,
+    checkpoint_dir,
+    checkpoint_ids,
+    complete_checkpoints,
+    finalize_ready,
+)
 from dasgd.runs.results import OutputOptions, PhaseCallback, run_log, summarize, write_run_outputs
 from dasgd.runs.summary import RunSummary
 from dasgd.worker.checkpoint import WorkerState
 
-__all__ = ["RunFailed", "launch_local", "host_store", "store_env"]
+__all__ = ["Interrupted", "RunFailed", "launch_local", "host_store", "store_env"]
 
 
 class RunFailed(DasgdError, RuntimeError):
@@ -142,10 +153,13 @@ def launch_local(
     )
     procs: list[subprocess.Popen] = []
     log_files = []
+    stop = _Signals()
+    stop.install()
     try:
         for rank in range(spec.workers):
             env = dict(base_env, RANK=str(rank), LOCAL_RANK=str(rank))
-            log = open(logs / f"rank{rank}.log", "w")  # noqa: SIM115 - closed in finally
+            # A resume appends to the interrupted run's logs.
+            log = open(logs / f"rank{rank}.log", "a" if resume else "w")  # noqa: SIM115 - closed in finally
             log_files.append(log)
             procs.append(
                 subprocess.Popen(
@@ -161,9 +175,19 @@ def launch_local(
         def on_tick() -> None:
             if spec.checkpoint_every > 0:
                 finalize_ready(run_dir, written)
+            if stop.signum is not None:
+                raise _StopRequested
 
-        failures = _watch(procs, progress_dir, on_progress, stall_timeout, on_tick)
-        on_tick()  # parts written just before the workers exited
+        try:
+            failures = _watch(procs, progress_dir, on_progress, stall_timeout, on_tick)
+            stop.signum = None  # too late to matter: the run ended
+            on_tick()  # parts written just before the workers exited
+        except _StopRequested:
+            signum = stop.signum
+            assert signum is not None
+            saved = _final_checkpoint(procs, run_dir, written)
+            _stop_all(procs)
+            raise Interrupted(signum, saved) from None
     except BaseException:
         for p in procs:
             if p.poll() is None:
@@ -175,6 +199,7 @@ def launch_local(
                 p.kill()
         raise
     finally:
+        stop.restore()
         for f in log_files:
             f.close()
     return _collect(spec, run_dir, shard_dir, logs, failures, on_phase, _recomputed(run_dir))
@@ -229,6 +254,88 @@ def _collect(
         summary = dataclasses.replace(summary, recomputed_after_resume=recomputed)
     write_run_outputs(run_dir, summary, log, options=OutputOptions.of(spec), on_phase=on_phase)
     return summary
+
+
+FINAL_CHECKPOINT_TIMEOUT = 30.0
+"""Seconds an interrupted launcher waits for the final checkpoint before it stops the workers anyway."""
+
+
+class Interrupted(DasgdError):
+    """The launcher was interrupted (SIGINT, SIGTERM): it took a final checkpoint where it could, and stopped."""
+
+    def __init__(self, signum: int, checkpoint: Path | None) -> None:
+        self.signum = signum
+        self.checkpoint = checkpoint
+        name = signal.Signals(signum).name
+        saved = f"last complete checkpoint: {checkpoint}" if checkpoint else "no complete checkpoint"
+        super().__init__(f"interrupted by {name}; workers stopped; {saved}")
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
+
+
+class _StopRequested(Exception):
+    pass
+
+
+class _Signals:
+    """SIGINT and SIGTERM on the launcher: the first asks for a final checkpoint and a clean stop (noted here,
+    acted on by the watch loop), a second stops everything at once (KeyboardInterrupt)."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return  # signals reach the main thread only; a launcher elsewhere keeps the caller's handling
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            self._old[sig] = signal.signal(sig, self._handle)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        if self.signum is not None:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old = {}
+
+
+def _final_checkpoint(procs: list[subprocess.Popen], run_dir: Path, spec: RunSpec) -> Path | None:
+    """Ask the workers for a checkpoint now (SIGUSR1) and wait for it to complete (bounded); the newest
+    complete checkpoint's directory, or None."""
+    # The final one has an id above every checkpoint begun so far (one whose parts are on the way included).
+    started = checkpoint_ids(run_dir)
+    if spec.checkpoint_every > 0:
+        for p in procs:
+            if p.poll() is None:
+                p.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + FINAL_CHECKPOINT_TIMEOUT
+        while time.monotonic() < deadline:
+            finalize_ready(run_dir, spec)
+            now = complete_checkpoints(run_dir)
+            if now and (not started or now[-1] > started[-1]):
+                break
+            if all(p.poll() is not None for p in procs):
+                break
+            time.sleep(0.05)
+        finalize_ready(run_dir, spec)
+    done = complete_checkpoints(run_dir)
+    return checkpoint_dir(run_dir, done[-1]) if done else None
+
+
+def _stop_all(procs: list[subprocess.Popen]) -> None:
+    for p in procs:
+        if p.poll() is None:
+            p.terminate()
+    for p in procs:
+        try:
+            p.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            p.kill()
 
 
 RESUMES = "resumes.json"

@@ -137,6 +137,8 @@ class WorkerLoop:
                 w, self.policy, self.resume_from, self.ledger, redeliver=True, extra_state=self.extra_state
             )
         self.protocol = p
+        if self.resume_from is not None:
+            self._last_started = self.resume_from.checkpoint  # ids go on above the one resumed from
         next_progress = clock.now()
         while True:
             now = clock.now()
@@ -204,11 +206,15 @@ class WorkerLoop:
         if not self.initiates_checkpoints or p.checkpointing is not None:
             return
         cid = int(now // self.checkpoint_every)
-        if cid <= self._last_started:
+        if self.checkpoint_requested:
+            # One now (the launcher was interrupted): an id above any taken, and the periodic ones go on above.
+            self.checkpoint_requested = False
+            cid = max(cid, self._last_started + 1)
+        elif cid <= self._last_started:
             return
         self._last_started = cid
-        if cid <= 0 or (self.resume_from is not None and cid <= self.resume_from.checkpoint):
-            return  # none at the very start; after a resume, ids go on above the one resumed from
+        if cid <= 0:
+            return  # none at the very start
         try:
             send_all(self.transport, p.begin_checkpoint(cid, now))
         except CheckpointError as e:
@@ -216,6 +222,8 @@ class WorkerLoop:
         self._hand_over(p)  # a worker without incoming links completes its part at once
 
     _last_started = 0
+    checkpoint_requested = False
+    """Set (from a signal handler, say) to start a checkpoint at the next step, whatever the interval."""
 
     def _hand_over(self, p: WorkerProtocol) -> None:
         if p.checkpoint_ready:
