@@ -200,7 +200,9 @@ def run_process(
         result = loop.run()
         if writer is not None:
             writer.close()
-            for line in [*writer.errors, *loop.checkpoint_errors]:
+            refused = loop.checkpoint_errors
+            more = f" (and {len(refused) - 1} more refused)" if len(refused) > 1 else ""
+            for line in [*writer.errors, *([refused[0] + more] if refused else [])]:
                 sys.stderr.write(f"dasgd worker {rank}: {line}\n")
         if worker.audit is not None:
             worker.save_audit()
