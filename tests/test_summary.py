@@ -91,7 +91,9 @@ def test_every_key_of_a_run_with_every_optional_key_is_a_field(target_run):
     workers = [
         dataclasses.replace(w, evaluation={"evaluations": 1, "eval_s": 0.5}) for w in summary.per_worker
     ]
-    full = dataclasses.replace(summary, failed_workers={"1": -9}, target_loss=0.5, per_worker=workers)
+    full = dataclasses.replace(
+        summary, failed_workers={"1": -9}, recomputed_after_resume=7, target_loss=0.5, per_worker=workers
+    )
     out = full.to_dict()
     assert sorted(out) == sorted(FIELDS)  # every field a key, and no key that is not a field
     assert full.extra == {}
