@@ -163,6 +163,10 @@ def _corrupt(d: Path) -> None:
     part.write_bytes(bytes(data))
 
 
+def _finished(d: Path) -> None:
+    (d / "summary.json").write_text("{}")
+
+
 def _not_a_run(d: Path) -> None:
     (d / "spec.yaml").unlink()
 
@@ -176,6 +180,7 @@ def _not_a_run(d: Path) -> None:
         (None, ["--workers", "3"], "another run"),
         (None, ["--task", "quadratic"], "another run"),
         (_not_a_run, [], "not a run directory"),
+        (_finished, [], "the run finished"),
     ],
 )
 def test_a_bad_resume_is_refused_with_one_line_and_changes_nothing(killed_run, tmp_path, damage, flags, says):

@@ -138,6 +138,9 @@ def _resume(args: argparse.Namespace) -> int:
     if not (run_dir / "spec.yaml").is_file():
         print(f"dasgd: error: cannot resume {run_dir}: not a run directory (no spec.yaml)", file=sys.stderr)
         return EXIT_USAGE
+    if (run_dir / "summary.json").is_file():
+        print(f"dasgd: error: cannot resume {run_dir}: the run finished (it has a summary.json)", file=sys.stderr)
+        return EXIT_USAGE
     spec = resolve_spec(load_spec_file(run_dir / "spec.yaml"), **spec_overrides(args))
     spec = dataclasses.replace(with_task_defaults(spec), run_dir=str(run_dir))
     try:
