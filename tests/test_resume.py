@@ -138,6 +138,23 @@ def test_sigterm_takes_a_final_checkpoint_exits_143_and_resumes(tmp_path):
     _check_whole_run(run_dir)
 
 
+def test_ctrl_c_takes_a_final_checkpoint_and_exits_130(tmp_path):
+    run_dir = tmp_path / "run"
+    proc = _start(run_dir)
+    try:
+        _wait_for_checkpoint(run_dir, proc)
+        started = {p.name for p in run_dir.glob("checkpoints/*")}
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        _kill_tree(proc)
+    assert proc.returncode == 130, err
+    assert "interrupted by SIGINT" in err
+    # The final checkpoint is one begun after the signal, and complete.
+    final = sorted(run_dir.glob("checkpoints/*/MANIFEST.json"))[-1].parent.name
+    assert final > max(started)
+
+
 def _listing(run_dir: Path) -> dict[str, str]:
     return {
         str(p.relative_to(run_dir)): hashlib.sha256(p.read_bytes()).hexdigest()
