@@ -189,14 +189,7 @@ def launch_local(
             _stop_all(procs)
             raise Interrupted(signum, saved) from None
     except BaseException:
-        for p in procs:
-            if p.poll() is None:
-                p.terminate()
-        for p in procs:
-            try:
-                p.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+        _stop_all(procs)
         raise
     finally:
         stop.restore()
@@ -328,6 +321,7 @@ def _final_checkpoint(procs: list[subprocess.Popen], run_dir: Path, spec: RunSpe
 
 
 def _stop_all(procs: list[subprocess.Popen]) -> None:
+    """Terminate every worker still running; kill those that do not end within 10 s."""
     for p in procs:
         if p.poll() is None:
             p.terminate()
